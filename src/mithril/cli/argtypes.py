@@ -12,6 +12,9 @@ import math
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
+
+from .errors import CLIError
 
 #: the largest value of any integer flag without its own bound (step counts, patience, ...)
 MAX_INT = 10**9
@@ -121,3 +124,13 @@ def in_path(text: str) -> str:
     if "\0" in text:
         raise argparse.ArgumentTypeError("must not contain a NUL byte")
     return text
+
+
+def look(test: Callable[[Path], bool], path: str | Path, flag: str) -> bool:
+    """``test(Path(path))`` (``Path.exists``, ``Path.is_dir``, ...) on the path ``flag`` reads;
+    one that cannot be looked at (Python 3.11 raises on a name too long) is the usage error
+    naming ``flag``, not a traceback."""
+    try:
+        return test(Path(path))
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import math
 import re
 import shlex
@@ -50,7 +51,15 @@ from .report import (
 from .resume import snapshot, write_checkpoint
 from .runtime import exit_status
 from .tasks import add_impute_flag, is_table, needs_target
-from .train import DEFAULT_DELTA, RUN_FILES, describe_data, open_unit, privacy_line, write_run
+from .train import (
+    DEFAULT_DELTA,
+    RUN_FILES,
+    describe_data,
+    not_ours,
+    open_unit,
+    privacy_line,
+    write_run,
+)
 from .training import Run, RunResult
 
 DEFAULT_CONFIGS = (
@@ -146,8 +155,36 @@ def parse_config(text: str) -> tuple[str, dict[str, Any]]:
     return parse_optimizer_spec(text, run_keys=True, special={"scheduler": scheduler})
 
 
-def slug(i: int, text: str) -> str:
+#: the longest folder name of a configuration (file systems allow 255 bytes)
+SLUG_MAX = 100
+
+
+def _full_slug(i: int, text: str) -> str:
     return f"{i:02d}-" + re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")
+
+
+def slug(i: int, text: str) -> str:
+    """The folder name of configuration ``i``, ``NN-<config>`` in the characters a file name
+    may hold; a longer one than :data:`SLUG_MAX` is cut and ends with a hash of the whole
+    configuration, so that it stays distinct."""
+    name = _full_slug(i, text)
+    if len(name) <= SLUG_MAX:
+        return name
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{name[:SLUG_MAX - len(digest) - 1].rstrip('_')}-{digest}"
+
+
+def folder_names(labels: list[str], resume: str | None) -> list[str]:
+    """Each configuration's folder (:func:`slug`). Resuming a comparison written before long
+    names were cut, a configuration keeps the folder it has there."""
+    names = []
+    for i, label in enumerate(labels, 1):
+        name, old = slug(i, label), _full_slug(i, label)
+        if resume and old != name and len(old.encode()) <= 255:
+            with contextlib.suppress(OSError):
+                name = old if (Path(resume) / old).is_dir() else name
+        names.append(name)
+    return names
 
 
 def ranking(labels: list[str], results: list[RunResult], folders: list[str],
@@ -257,20 +294,22 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
     if clash:  # the comparison would write over the data it trains on
         raise CLIError(f"--out {out} would replace --data {args.data} (the comparison writes "
                        f"its {clash[0]} there); give another --out, or rename the data file")
+    names = folder_names([label for label, _ in runs], args.resume)
     resumed = []  # the configurations continued from a checkpoint (checked, nothing written)
-    for i, (label, r) in enumerate(runs, 1):
+    for name, (label, r) in zip(names, runs, strict=True):
         if args.resume:
             try:
-                if restore_config(r, Path(args.resume) / slug(i, label)):
+                if restore_config(r, Path(args.resume) / name):
                     resumed.append(label)
             except CLIError as exc:
                 raise CLIError(f"config {label!r}: {exc}") from None
         # a signal saves the one under way at once; --checkpoint-every N, every N steps
-        r.saver = functools.partial(save_config, r, out / slug(i, label), flags)
+        r.saver = functools.partial(save_config, r, out / name, flags)
         r.save_every = args.checkpoint_every
     if not args.dry_run:
         made += new_dirs(out)
         ensure_writable_dir(out)
+        theirs = {name: not_ours(out / name) for name in names}  # (the user's: left alone)
     else:
         check_out_dir(out)
     first = runs[0][1]
@@ -297,7 +336,7 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
     signum: int | None = None  # the signal that stopped it (exit status 128 + signum)
     error: str | None = None
     with staged_dir(out) as stage:  # the whole set appears at once, or nothing
-        for i, (label, r) in enumerate(runs, 1):
+        for i, (name, (label, r)) in enumerate(zip(names, runs, strict=True), 1):
             print(f"[{i}/{len(runs)}] {label}: {r.optimizer_repr}; "
                   f"schedule {r.schedule.description}")
             res = r.train(progress=False if args.no_progress else None, desc=label)
@@ -308,8 +347,8 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
                     break
             trained.append((r, res))
             if args.checkpoint_every and not (res.interrupted or res.error):  # kept at once
-                save_config(r, out / slug(i, label), flags, res.steps, res.epochs)
-            folder = stage / slug(i, label)
+                save_config(r, out / name, flags, res.steps, res.epochs)
+            folder = stage / name
             folder.mkdir()
             dp = r.privacy(len(res.steps), delta)  # (None: not DP-SGD)
             files = write_run(res, folder, r.steps_per_epoch, plot=False,
@@ -360,7 +399,7 @@ def compare_command(args: argparse.Namespace, made: list[Path]) -> int:
             written.append(compare_figure(results, labels, stage / "compare.png",
                                           first.steps_per_epoch, title))
     for name, kept in wrote.items():  # a folder of an earlier comparison: no file of it stays
-        for old in set(RUN_FILES) - kept:
+        for old in set(RUN_FILES) - kept - theirs[name]:
             with contextlib.suppress(OSError):
                 if (out / name / old).is_file():
                     (out / name / old).unlink()

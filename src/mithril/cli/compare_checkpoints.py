@@ -24,7 +24,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .argtypes import bounded_int
+from .argtypes import bounded_int, look
 from .errors import CLIError
 from .resume import CHECKPOINT_FILE, NOT_KEPT, _load, restore, snapshot, write_checkpoint
 
@@ -67,7 +67,7 @@ def resumed_args(args: argparse.Namespace) -> argparse.Namespace:
     differ: :data:`MAY_CHANGE`; anything else is refused, naming it, before anything is
     written)."""
     given = Path(args.resume)
-    if not given.is_dir():
+    if not look(Path.is_dir, given, "--resume"):
         raise CLIError(f"--resume {given}: no such folder (the --out of `mithril compare`)")
     saved = _saved(given)
     if not saved:

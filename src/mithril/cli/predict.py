@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
-from .argtypes import in_path, out_path
+from .argtypes import in_path, look, out_path
 from .common import HelpFormatter
 from .errors import CLIError
 from .report import check_out_file, ensure_writable_file, same_file, write_csv
@@ -114,7 +114,7 @@ def load_model(run_dir: Path, backend: str = "numpy", dtype: str | None = None
     from .networks import mlp_spec
     from .training import make_backend
 
-    if not run_dir.is_dir():
+    if not look(Path.is_dir, run_dir, "--run"):
         raise CLIError(f"--run {run_dir}: no such folder")
     pre = Preprocess.load(run_dir / PREPROCESS_FILE)
     outputs = len(pre.labels) if pre.objective == "classification" else 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import functools
 import json
 import math
@@ -38,9 +39,23 @@ def default_out_dir(command: str, name: str | None = None, root: str = "runs") -
     return path
 
 
+#: the longest file or folder name of the usual file systems (bytes; Windows: characters)
+NAME_MAX = 255
+
+
+def _check_name_lengths(path: Path) -> None:
+    """Raise ENAMETOOLONG for a name in ``path`` longer than :data:`NAME_MAX`: exists() does
+    not see one in a folder still to be made, and mkdir(parents=True) fails only after
+    making the folders above it."""
+    size = len if os.name == "nt" else (lambda part: len(os.fsencode(part)))
+    if any(size(part) > NAME_MAX for part in Path(path).parts):
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
+
+
 def ensure_writable_dir(path: Path, flag: str = "--out") -> Path:
     """Create ``path`` and prove a file can be written there, before any training."""
     try:
+        _check_name_lengths(path)
         if path.exists() and not path.is_dir():
             raise CLIError(f"{flag} {path}: exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
@@ -52,18 +67,31 @@ def ensure_writable_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _looking_at(path: Path, flag: str) -> Iterator[None]:
+    """An OSError while looking at ``path`` (Python 3.11's exists() and is_dir() raise on a
+    name too long) is the usage error naming ``flag``, not a traceback; so is a name too long
+    in a folder still to be made (:func:`_check_name_lengths`)."""
+    try:
+        _check_name_lengths(path)
+        yield
+    except OSError as exc:
+        raise CLIError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def check_out_dir(path: Path, flag: str = "--out") -> Path:
     """What :func:`ensure_writable_dir` refuses, found without creating or writing anything
     (``--dry-run`` checks the run: it must not say it would write where the run cannot)."""
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"{flag} {path}: exists and is not a directory")
-    p = path
-    while not p.exists() and p != p.parent:  # the folder that would hold the new ones
-        p = p.parent
-    if p.exists() and not p.is_dir():
-        raise CLIError(f"{flag} {path}: cannot write there ({p} is a file)")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
+    with _looking_at(path, flag):
+        if path.exists() and not path.is_dir():
+            raise CLIError(f"{flag} {path}: exists and is not a directory")
+        p = path
+        while not p.exists() and p != p.parent:  # the folder that would hold the new ones
+            p = p.parent
+        if p.exists() and not p.is_dir():
+            raise CLIError(f"{flag} {path}: cannot write there ({p} is a file)")
+        if p.exists() and not os.access(p, os.W_OK):
+            raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
     return path
 
 
@@ -78,19 +106,21 @@ def _check_file_name(path: Path, flag: str, example: str) -> None:
     """``path`` names a file (not a folder) that may be written, if it exists."""
     if not path.name or path.name in (".", ".."):
         raise CLIError(f"{flag} {path}: give a file name such as {example}")
-    if path.exists() and path.is_dir():
-        raise CLIError(f"{flag} {path}: is a directory; give a file name such as {example}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
+    with _looking_at(path, flag):
+        if path.exists() and path.is_dir():
+            raise CLIError(f"{flag} {path}: is a directory; give a file name such as {example}")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise CLIError(f"{flag} {path}: cannot write there (permission denied)")
 
 
-def new_dirs(path: Path) -> list[Path]:
+def new_dirs(path: Path, flag: str = "--out") -> list[Path]:
     """``path`` and those of its parents that do not exist yet, deepest first: the folders
     :func:`ensure_writable_dir` is about to create, which a failed command removes again."""
     made, p = [], Path(path)
-    while p != p.parent and not p.exists() and not p.is_symlink():
-        made.append(p)
-        p = p.parent
+    with _looking_at(path, flag):
+        while p != p.parent and not p.exists() and not p.is_symlink():
+            made.append(p)
+            p = p.parent
     return made
 
 
@@ -157,7 +187,8 @@ def atomic_file(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]
     """Open a temporary file beside ``path`` for writing; on success it is flushed to disk
     and renamed to ``path`` (replacing it), on any exception (Ctrl-C included) removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # (the name shortened: a name near the length limit must not make the temporary one too long)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             os.chmod(tmp, _mode_like(path, 0o666))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
-from .argtypes import bounded_int
+from .argtypes import bounded_int, look
 from .errors import CLIError
 from .runtime import Position
 
@@ -47,6 +47,9 @@ NOT_KEPT = frozenset({"out", "name", "resume", "checkpoint", "dry_run", "no_plot
 #: steps done must agree), where it runs, the data file's name (its content is checked)
 MAY_CHANGE = frozenset({"epochs", "threads", "backend", "task_settings.data",
                         "task_settings.steps"})
+#: what a refusal of a changed setting says
+KEPT = ("a resumed run keeps them (only --epochs (charlm: --steps), --backend, --threads and "
+        "the output flags may change)")
 #: metrics.csv / epochs.csv columns that hold integers
 INT_FIELDS = frozenset({"step", "epoch", "skipped"})
 
@@ -106,11 +109,11 @@ def resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str
     """The flags of the run ``--resume`` names with those given now on top, and its
     checkpoint (as :func:`load_checkpoint` returns it, the arrays NumPy's)."""
     given = Path(args.resume)
-    if not given.exists():
+    if not look(Path.exists, given, "--resume"):
         raise CLIError(f"--resume {given}: no such folder (a run folder of `mithril train "
                        f"--checkpoint`)")
     path = _where(given)
-    if not path.is_file():
+    if not look(Path.is_file, path, "--resume"):
         raise CLIError(f"--resume {given}: no {CHECKPOINT_FILE} in it (a run trained with "
                        f"--checkpoint writes one)")
     ckpt = _load(path)
@@ -118,6 +121,12 @@ def resumed_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str
     if not isinstance(extra, dict) or extra.get("format") != FORMAT:
         raise CLIError(f"--resume {path}: not a checkpoint of `mithril train --checkpoint` "
                        f"(no {FORMAT} record in its metadata)")
+    config = extra.get("config")
+    then = config.get("task", "digits") if isinstance(config, dict) else None
+    if getattr(args, "task", None) is not None and then is not None and args.task != then:
+        # (else a flag of the run's job, such as --hidden, "does not apply" to the new one)
+        raise CLIError(f"--resume: this command changes the run's --task ({then!r} in the run, "
+                       f"{args.task!r} now); {KEPT}")
     given = list(args.argv[1:])  # the flags typed now, without --resume DIR
     for i, a in enumerate(given):
         if a == "--resume":
@@ -281,9 +290,8 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume",
               for k in sorted(set(saved) | set(now))
               if k not in MAY_CHANGE and saved.get(k) != now.get(k)]
     if differ:
-        raise CLIError(f"{flag}: this command changes the run's {'; '.join(differ)}; a "
-                       f"resumed run keeps them (only --epochs (charlm: --steps), --backend, "
-                       f"--threads and the output flags may change)")
+        raise CLIError(f"{flag}: this command changes the run's {'; '.join(differ)}; "
+                       f"{KEPT}")
     fp, fp_now = extra["data"], data_fingerprint(run.data)
     what = [f"{k} {fp[k]} then, {fp_now[k]} now" for k in ("train", "test", "classes")
             if fp[k] != fp_now[k]]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .argtypes import look
 from .errors import CLIError
 
 #: the suffixes of a file of named arrays (a folder of .npy files is one too)
@@ -21,12 +22,12 @@ ARRAY_SUFFIXES = (".npz", ".safetensors")
 def holds_arrays(path: str) -> bool:
     """Whether ``path`` is a table of named arrays: an ``.npz``, a ``.safetensors`` file or a
     folder (of ``.npy`` files)."""
-    return Path(path).suffix.lower() in ARRAY_SUFFIXES or Path(path).is_dir()
+    return Path(path).suffix.lower() in ARRAY_SUFFIXES or look(Path.is_dir, path, "--data")
 
 
 def load_arrays(path: str) -> Mapping[str, np.ndarray]:
     """The named arrays of ``path`` (see :func:`holds_arrays`), or a CLIError naming it."""
-    if Path(path).is_dir():
+    if look(Path.is_dir, path, "--data"):
         return NpyFolder(path)
     if Path(path).suffix.lower() == ".safetensors":
         return _load_safetensors(path)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .argtypes import bounded_int, in_path, unit_interval
+from .argtypes import bounded_int, in_path, look, unit_interval
 from .data import Dataset, load_digits_split
 from .errors import CLIError
 from .networks import OBJECTIVES, ModelSpec, cnn_spec, mlp_spec
@@ -35,7 +35,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".npz", ".safetensors", ".npy")
 
 def is_table(path: str) -> bool:
     """Whether ``--data path`` is a table (the tabular job; see :data:`TABLE_SUFFIXES`)."""
-    return Path(path).suffix.lower() in TABLE_SUFFIXES or Path(path).is_dir()
+    return Path(path).suffix.lower() in TABLE_SUFFIXES or look(Path.is_dir, path, "--data")
 
 
 def needs_target(path: str) -> bool:
@@ -57,6 +57,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                "context": 128, "d_model": 128, "layers": 4, "heads": 4, "dropout": 0.0,
                "eval_windows": 128, "sample_chars": 400, "temperature": 0.8},
 }
+
+#: digits-cnn: the conv blocks an 8x8 image allows, each halving it (8 -> 4 -> 2 -> 1)
+DIGITS_CNN_BLOCKS = 3
 
 #: flags that belong to some jobs only: giving one to another job is an error
 OWN_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -97,7 +100,8 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
                         "target: strings or at most 20 distinct integers -> classification)")
     add_impute_flag(g)
     g.add_argument("--channels", type=bounded_int(1, 1024), nargs="+", metavar="C",
-                   help="digits-cnn: output channels of each conv block (default: 32 64)")
+                   help="digits-cnn: output channels of each conv block (default: 32 64; at "
+                        "most 3 blocks, each halves the 8x8 image)")
     g.add_argument("--no-batchnorm", action="store_true", default=None,
                    help="digits-cnn: no BatchNorm after the convolutions")
     g.add_argument("--dropout", type=unit_interval, metavar="P",
@@ -200,6 +204,10 @@ def prepare(args: argparse.Namespace) -> Job:
                         what="digits MLP")
         return Job(task, data, spec, _rows("digits", data))
     if task == "digits-cnn":
+        if len(args.channels) > DIGITS_CNN_BLOCKS:  # (else a shape error inside the model)
+            raise CLIError(f"--channels {' '.join(map(str, args.channels))}: the 8x8 digits "
+                           f"allow at most {DIGITS_CNN_BLOCKS} conv blocks (each halves the "
+                           f"image), got {len(args.channels)}")
         flat = load_digits_split(args.test_size, args.split_seed)
         data = Dataset(flat.x_train.reshape(-1, 1, 8, 8), flat.y_train,
                        flat.x_test.reshape(-1, 1, 8, 8), flat.y_test, flat.num_classes)

@@ -7,6 +7,8 @@ import argparse
 import contextlib
 import functools
 import io
+import json
+import os
 import shlex
 import signal
 import sys
@@ -60,6 +62,7 @@ from .report import (
 )
 from .resume import (
     CHECKPOINT_FILE,
+    FORMAT,
     add_resume_flags,
     check_noise,
     restore,
@@ -221,6 +224,34 @@ def resolve_scheduler(args: argparse.Namespace) -> None:
 #: mixes two runs
 RUN_FILES = ("metrics.csv", "epochs.csv", "summary.json", "training.png", "model.safetensors",
              "preprocess.json", "sample.txt", CHECKPOINT_FILE)
+
+
+def held_a_run(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier run (of ``train``, or a ``compare``
+    configuration's): the summary.json :func:`write_run` writes, or a checkpoint of theirs
+    (a run killed between periodic saves has no summary.json)."""
+    from ..utils.checkpoint_io import read_metadata
+    from .compare_checkpoints import FORMAT as COMPARE_FORMAT
+
+    with contextlib.suppress(OSError, ValueError):
+        with open(folder / "summary.json", encoding="utf-8") as f:
+            summary = json.load(f)
+        if isinstance(summary, dict) and {"config", "final"} <= summary.keys():
+            return True
+    try:
+        extra = json.loads(read_metadata(str(folder / CHECKPOINT_FILE)))["extra"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not mithril's
+        return False
+    return isinstance(extra, dict) and extra.get("format") in (FORMAT, COMPARE_FORMAT)
+
+
+def not_ours(folder: Path) -> set[str]:
+    """The names of :data:`RUN_FILES` in ``folder`` that a run there must not remove: all
+    those there when it held no earlier run (:func:`held_a_run`: they are the user's), else
+    none. Taken before training: a periodic save writes into the folder."""
+    if held_a_run(folder):
+        return set()
+    return {n for n in RUN_FILES if os.path.lexists(folder / n)}
 
 
 def write_logs(result: RunResult, out: Path) -> list[Path]:
@@ -479,6 +510,7 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
                     world: World | None) -> int:
     """Train, then (rank 0) write the files and print the results."""
     lead = world is None or world.rank == 0
+    theirs = not_ours(out)  # (the user's files: left alone)
     if world is None:  # a signal saves a checkpoint at once; --checkpoint-every N, every N
         training.saver = functools.partial(save_progress, training, out, args.snapshot)
         training.save_every = args.checkpoint_every
@@ -515,7 +547,7 @@ def train_and_write(args: argparse.Namespace, job: Any, training: Run, out: Path
                     else "interrupted inside a step, where parameters and logs do not agree"
                 print(f"(no {CHECKPOINT_FILE}: {why})")
     files = [out / f.name for f in written]
-    for name in set(RUN_FILES) - {f.name for f in files}:
+    for name in set(RUN_FILES) - {f.name for f in files} - theirs:
         with contextlib.suppress(OSError):  # absent (the usual case), or a folder: kept
             if (out / name).is_file():
                 (out / name).unlink()
