@@ -84,6 +84,9 @@ CASES = {
     "prodigy": _opt(O.Prodigy, 1.0, estim_lr0=1e-2),
     "cocob": _opt(O.COCOB, 1.0),
     "schedule_free_adamw": _opt(O.ScheduleFreeAdamW, 0.02),
+    # centralized gradients: the global norm (and its clip) is theirs, each rank
+    # centralizing its own tensors before its sum of squares
+    "adam_centralize": _opt(O.Adam, 0.05, centralize=True),
     # loss-aware: the step takes the mean of the ranks' losses. Their groups set lr_scale
     # only (the decay and the step size are optimizer-wide), and they clip nothing: the
     # clipped gradients' small norm made every Polyak step size its cap (α), which the loss
@@ -100,7 +103,7 @@ UNEVEN_CASES = ("momo",)
 CKPT = ("sm3", "muon_exclude", "dog_layer_wise")
 #: the default suite's cases (one start of two ranks); the others: @slow
 FAST = ("sm3", "dadapt_adamw", "prodigy", "dog", "muon_exclude", "dog_layer_wise",
-        "noisy_sgd", "momo")
+        "noisy_sgd", "momo", "adam_centralize")
 #: the default suite's cases on 2 JAX devices
 JAX_FAST = ("dog_layer_wise",)
 
@@ -447,7 +450,7 @@ def test_loss_refused_at_one_process(make, loss, error, match, shard) -> None:
     assert st.step == 1
 
 
-@pytest.mark.parametrize("name", ["dog", "prodigy", "dadapt_adamw"])
+@pytest.mark.parametrize("name", ["dog", "prodigy", "dadapt_adamw", "adam_centralize"])
 def test_one_process_sharded_equals_the_optimizer(name) -> None:
     """A world of one (no process group) holds every tensor: the sharded step is the
     optimizer's own (no gathering)."""
@@ -463,6 +466,7 @@ def test_one_process_sharded_equals_the_optimizer(name) -> None:
         sched.step()
     for n in SHAPES:
         np.testing.assert_allclose(p[n], want["params"][n], rtol=0, atol=TOL)
+    assert st.last_grad_norm == pytest.approx(want["norms"][-1], rel=1e-12)
 
 
 def test_mechanize_replicated_equals_one_process(fast_ranks) -> None:

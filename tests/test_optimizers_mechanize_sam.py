@@ -381,7 +381,7 @@ def _test_mechanize_bad_input_changes_nothing(backend):
     for exc, match, grads in [
             (KeyMismatchError, r"unknown \['z'\]", {**g, "z": g["b"]}),
             (ShapeError, r"gradients\['b'\] has shape \(4, 3\)", {**g, "b": g["w"]}),
-            (TypeError, "dtype float32", f32), (TypeError, "are None", {**g, "b": None}),
+            (TypeError, "dtype float32", f32),
             (TypeError, "dict of arrays", [g["w"]])]:
         with pytest.raises(exc, match=match):
             opt.update(params, grads, state)

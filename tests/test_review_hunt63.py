@@ -264,3 +264,69 @@ def test_add_loss_takes_a_constant_connection():
         shift = 0.0 if isinstance(right, IOKey) else right
         assert float(out["abcd"]) == float(out["final_cost"]) == 5.0 - shift
         np.testing.assert_array_equal(g["input"], [[[0, 0], [0.5, 0]], [[0, 0], [0.5, 0]]])
+
+
+def _none_cases():
+    from mithril.utils.optimizers import (
+        SAM,
+        SGD,
+        SM3,
+        Adafactor,
+        Mechanize,
+        Muon,
+        NoisySGD,
+        ScheduleFree,
+    )
+
+    return {"adafactor": lambda: Adafactor(0.01), "muon": lambda: Muon(0.01),
+            "sm3": lambda: SM3(0.1), "noisy_sgd": lambda: NoisySGD(0.01, eta=0.1, seed=1),
+            "mechanize": lambda: Mechanize(Adam(0.1)), "schedule_free": lambda: ScheduleFree(
+                SGD(0.1)), "sam": lambda: SAM(SGD(0.1))}
+
+
+@pytest.mark.parametrize("name", list(_none_cases()))
+def test_a_none_gradient_is_no_gradient(name):
+    """docs/optimizers.md, "Parameters without a gradient": a None gradient (torch's
+    ``.grad`` None) is the key left out. The tensorwise optimizers (Adafactor, Muon, SM3,
+    NoisySGD) raised "gradients['b'] is a NoneType", the wrappers (Mechanize, ScheduleFree,
+    SAM) "are None"; so did ``DataParallel`` of them in one process."""
+    make = _none_cases()[name]
+    rng = np.random.default_rng(0)
+    p0 = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    g = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    runs = []
+    for grads in ({"w": g["w"], "b": None}, {"w": g["w"]}):
+        opt = make()
+        p = {k: v.copy() for k, v in p0.items()}
+        s = opt.init(p)
+        kw = {}
+        if name == "sam":  # (the gradient at the perturbed point: a quadratic's, w only)
+            kw["closure"] = lambda q: (0.0, {"w": 2 * q["w"]})
+        for _ in range(2):
+            p, s = opt.update(p, grads, s, **kw)
+        runs.append(p)
+    for k in p0:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k])
+    assert not np.array_equal(runs[0]["w"], p0["w"])
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_data_parallel_of_one_reports_the_optimizers_norm(shard):
+    """One process: ``DataParallel`` is the wrapped optimizer. Sharded, its global norm was
+    the raw gradients' where the optimizer measures them centralized or adaptively clipped
+    (``centralize=True`` with ``clip_norm``: other params too)."""
+    from mithril import distributed as dist
+    from mithril.utils.optimizers import SGD
+
+    rng = np.random.default_rng(0)
+    p0 = {"w": rng.normal(size=(4, 3)), "b": rng.normal(size=3)}
+    g = {"w": rng.normal(size=(4, 3)) + 5.0, "b": rng.normal(size=3)}
+    for make in (lambda: SGD(0.1, clip_norm=1.0, centralize=True),
+                 lambda: SGD(0.1, adaptive_clip=0.01)):
+        o = make()
+        ref, s = o.update(dict(p0), dict(g), o.init(dict(p0)))
+        dp = dist.DataParallel(make(), shard_state=shard)
+        p, st = dp.update(dict(p0), dict(g), dp.init(dict(p0)))
+        assert st.last_grad_norm == pytest.approx(s.last_grad_norm, rel=1e-14)
+        for k in p0:
+            np.testing.assert_allclose(p[k], ref[k], rtol=0, atol=1e-15)

@@ -31,6 +31,7 @@ from .data_parallel import (
     DistributedState,
     _divide,
     _dtype_name,
+    _holder,
     _host,
     _multiply,
     _nbytes,
@@ -85,7 +86,10 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     mine = recv[:data]
     if world > 1 and not half:
         _divide(mine, world)
-    local_sq = _sumsq(mine) if refused is None else 0.0
+    local_sq = 0.0
+    if refused is None:
+        local_sq = _measured_sq(dp, state, params, recv) if _reshapes(dp.optimizer) else \
+            _sumsq(mine)
     total = _small([local_sq, float(refused is not None), my_loss or 0.0, *hyper], mine)
     pg.all_reduce(total)
     if float(_host(total)[1]) > 0:
@@ -213,3 +217,35 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     state._out = out
     return dict(out), state
 
+
+def _reshapes(opt: Any) -> bool:
+    """Whether the wrapped optimizer changes the gradients before it measures their norm
+    (``centralize``, ``adaptive_clip``), for some tensor."""
+    h = _holder(opt)
+    return h._pre_clipping() or h.adaptive_clip is not None or any(
+        "adaptive_clip" in g for g in h.__dict__.get("_groups", ()))
+
+
+def _measured_sq(dp: Any, state: DistributedState, params: Mapping[str, Any], recv: Any
+                 ) -> float:
+    """Σ g² of this rank's averaged gradients as one process's optimizer measures its norm:
+    centralized and adaptively clipped first (each per tensor, or per unit of a tensor: this
+    rank's own tensors suffice; copies, the step does it again). The global norm then
+    scales the gradients as one process's clip does (centralizing is linear)."""
+    h, ch, (a, b) = _holder(dp.optimizer), state.chunks, state.chunks.bounds[state.rank]
+    data = ch.data[state.rank]
+    flags = _host(recv[data:data + (b - a)])
+    grads = {}
+    for k, n in enumerate(state.names[a:b]):
+        if flags[k] > 0:
+            lo = int(ch.local_offset[a + k])
+            grads[n] = recv[lo:lo + ch.sizes[a + k]].reshape(state.shapes[a + k])
+    if not grads:
+        return 0.0
+    dp._sync_groups(state)
+    local = state.local
+    if h._pre_clipping():
+        grads = h._pre_clip(grads, local) or grads
+    if any(getattr(v, "adaptive_clip", None) is not None for v in h.group_rows(local)[1]):
+        grads = h._adaptive_clip(params, grads, local)
+    return sum(_sumsq(g.reshape(-1)) for g in grads.values())

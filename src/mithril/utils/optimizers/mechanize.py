@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .base import _without_none
 from .checks import check_int, check_positive, describe, to_float
 from .outer_wrapper import OuterWrapper, array, check_base, check_grads, copied, vdot
 from .state import OptimizerState
@@ -117,6 +118,7 @@ class Mechanize(OuterWrapper):
                state: OptimizerState) -> tuple[dict[str, Any], OptimizerState]:
         """One Mechanic step (class docs); on any error neither ``params`` nor ``state``
         has changed."""
+        gradients = _without_none(gradients)  # (None: no gradient this step)
         check_grads(self, params, gradients, state, "gradients")
         have = {k for k in state.values if k.startswith("mechanic_")}
         if have != set(self.own_values()):

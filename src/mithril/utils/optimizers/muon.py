@@ -571,9 +571,10 @@ class Muon(TensorwiseOptimizer):
         if self.convention == "optax":  # (a Muon group's lr and eps: optax.partition's)
             out = optax_group_rows(self, rows, out, where, lay.names)
         late: dict[tuple, Any] = {}
-        for i, n in enumerate(lay.names):  # a Muon group joining late: its fallback
-            k = getattr(rows[i], "_step_offset", 0)  # tensors join with it
-            if k and n in where:
+        _, g_index, g_rows = state.groups  # (resolved by super().tensor_rows: the groups'
+        for i, n in enumerate(lay.names):  # own offsets, not own rows' raised by missed steps)
+            k = int(g_rows[g_index[i]].get("step_offset", 0))  # a Muon group joining late:
+            if k and n in where:  # its fallback tensors join with it
                 if (id(out[i]), k) not in late:
                     late[id(out[i]), k] = copy.copy(out[i])
                     late[id(out[i]), k]._step_offset = k

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .base import _without_none
 from .checks import check_flag, check_positive, check_update, describe, to_float
 from .outer_wrapper import OuterWrapper, check_base, check_grads, copied, vdot
 from .state import OptimizerState
@@ -120,6 +121,7 @@ class SAM(OuterWrapper):
         if gradients is None:
             _, gradients = self._evaluate(closure, params, params, state, "at params")
         else:
+            gradients = _without_none(gradients)  # (None: no gradient this step)
             check_grads(self, params, gradients, state, "gradients")
         e = self.perturbation(params, gradients)
         # (those without a gradient stay where they are, in new arrays too)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .base import _without_none
 from .checks import describe, to_float, unwrapped
 from .outer_wrapper import OuterWrapper, array, check_base, check_grads, copied
 from .schedule_free import _check_b1, _ScheduleFree, host_flat, per_param
@@ -132,6 +133,7 @@ class ScheduleFree(OuterWrapper):
                ) -> tuple[dict[str, Any], OptimizerState]:
         """One schedule-free step (class docs); on any error neither ``params`` nor
         ``state`` has changed."""
+        gradients = _without_none(gradients)  # (None: no gradient this step)
         check_grads(self, params, gradients, state, "gradients")
         missing = [k for k in VALUES if k not in state.values]
         if missing:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .averaging import advance, average, tensor_counts, weights
-from .base import Optimizer
+from .base import Optimizer, _without_none
 from .checks import check_update
 from .engines.common import is_finite, must_skip, nonfinite_result_error, norm_scale
 from .groups import row_step
@@ -279,6 +279,7 @@ def _update(self: TensorwiseOptimizer, params: Mapping[str, Any], gradients: Map
     if (n := self.max_consecutive_skips) is not None and state.consecutive_skips >= n \
             and self.nonfinite == "skip":  # (as Optimizer.update: given up, applied)
         return self._give_up(params, gradients, state, n)
+    gradients = _without_none(gradients)  # (a None gradient: no gradient this step)
     bound = self._backend
     try:
         self._bind(params)
