@@ -330,3 +330,30 @@ def test_data_parallel_of_one_reports_the_optimizers_norm(shard):
         assert st.last_grad_norm == pytest.approx(s.last_grad_norm, rel=1e-14)
         for k in p0:
             np.testing.assert_allclose(p[k], ref[k], rtol=0, atol=1e-15)
+
+
+def test_sharded_checkpoint_of_a_run_gone_nan_loads(tmp_path):
+    """``save_sharded`` wrote a Prodigy state whose values were NaN (a run diverged under
+    ``"propagate"``) as JSON's non-standard ``NaN``, which ``load_sharded`` refuses; they are
+    stored by name now ("nan", as the metrics), and load back as NaN."""
+    import warnings
+
+    from mithril import distributed as dist
+    from mithril.utils.optimizers import Prodigy
+
+    dp = dist.DataParallel(Prodigy(), shard_state=True)
+    p = {"w": np.ones(3), "b": np.zeros(2)}
+    st = dp.init(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p, st = dp.update(p, {"w": np.array([np.nan, 1.0, 1.0]), "b": np.ones(2)}, st)
+    assert np.isnan(st.local.values["d"])
+    dist.save_sharded(str(tmp_path / "ck"), p, dp, st)
+    dp2 = dist.DataParallel(Prodigy(), shard_state=True)
+    p2, st2 = dist.load_sharded(str(tmp_path / "ck"), dp2)
+    assert set(st2.local.values) == set(st.local.values)
+    for k, v in st.local.values.items():
+        assert np.isnan(v) == np.isnan(st2.local.values[k])
+        if not np.isnan(v):
+            assert st2.local.values[k] == v
+    assert st2.local.step == st.local.step == 1

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
-from ..utils.checkpoint_format import FLOAT_DTYPES, to_numpy
+from ..utils.checkpoint_format import (
+    FLOAT_DTYPES,
+    decode_metrics,
+    encode_metrics,
+    numpy_scalar,
+    to_numpy,
+)
 from ..utils.checkpoint_format import FORMAT as CHECKPOINT_FORMAT
 from ..utils.checkpoint_io import _fsync_folder, loads_guarded, read_file, write_file
 from ..utils.optimizers.averaging import counts_of, merged_counts, saved_counts
@@ -98,7 +104,9 @@ def _collect(folder: str, params: Any, dp: Any, state: Any
             "held": list(mine), "slots": sorted(local.slots), "step": local.step,
             "num_skipped": local.num_skipped, "num_nonfinite": local.num_nonfinite,
             # the non-finite steps in a row (max_consecutive_skips), alike on every rank
-            "consecutive_skips": local.consecutive_skips, "values": dict(local.values),
+            "consecutive_skips": local.consecutive_skips,
+            # (a run gone NaN under "propagate": non-finite ones by name, JSON has none)
+            "values": encode_metrics(local.values),
             # what the averages' slots mean (their start: a slot before it is a copy)
             "averaging": {k: getattr(dp.optimizer, k, None) for k in _AVERAGING},
             # each average's updates so far, for the tensors this rank holds
@@ -174,7 +182,7 @@ def save_sharded(folder: str | os.PathLike, params: dict[str, Any], dp: DataPara
     pending = f"{path}.pending-{save_id}"
     try:
         os.makedirs(folder, exist_ok=True)
-        write_file(pending, json.dumps(meta), tensors)
+        write_file(pending, json.dumps(meta, allow_nan=False, default=numpy_scalar), tensors)
     except (OSError, ValueError, TypeError) as e:
         error = e
     try:
@@ -406,6 +414,11 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
                                   f"{run!r:.80}")
         parts = [m.get("averaged") for m in metas]  # (checked before anything changes)
         merged_counts(dp.optimizer, parts, list(first["names"]), step=int(first["step"]))
+        try:  # (numbers, or "nan" / "inf" / "-inf": a run gone NaN)
+            values = decode_metrics(first["values"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CheckpointError(f"{folder!r}: 'values' must map names to numbers, got "
+                                  f"{first['values']!r:.80}") from None
     except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as e:
         error = e
     pg.agree("load_sharded", error)
@@ -420,7 +433,7 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
     local.num_skipped = int(first["num_skipped"])
     local.num_nonfinite = int(first["num_nonfinite"])
     local.consecutive_skips = run
-    local.values = {k: float(v) for k, v in first["values"].items()}
+    local.values = values
     # (None: saved before the counts were kept, inferred from the step when first used)
     local.averaged = merged_counts(dp.optimizer, parts, list(local.layout.names), local.step)
     local.set_missed(missed)  # (each tensor's own step count; none in an older checkpoint)
