@@ -171,9 +171,10 @@ def torch_run(case: str) -> dict[str, np.ndarray]:
     return {k: t.detach().numpy().copy() for k, t in ts.items()}
 
 
-def eager_run(case: str) -> dict[str, np.ndarray]:
+def eager_run(case: str, make: Any = make) -> dict[str, np.ndarray]:
     """The eager NumPy engine: N steps of the early parameters, then a state of the late
-    ones joined (their group's ``step_offset`` N) for M steps."""
+    ones joined (their group's ``step_offset`` N; the state's slots and values carried
+    over) for M steps. ``make(case, offset)``: the optimizer."""
     p0, data = problem()
     be = NumpyBackend(dtype="float64")
     c = compiled(be)
@@ -187,7 +188,8 @@ def eager_run(case: str) -> dict[str, np.ndarray]:
     opt = make(case, N)
     p = {**{k: v.copy() for k, v in p0.items() if LATE in k}, **early}
     fresh = opt.state_dict(opt.init(p))
-    st = opt.load_state_dict({**fresh, "step": before["step"], "slots": {
+    st = opt.load_state_dict({**fresh, **{k: before[k] for k in ("step", "values")
+                                          if k in before}, "slots": {
         s: {k: before["slots"][s][k] if k in early else fresh["slots"][s][k] for k in p}
         for s in fresh["slots"]}}, p)
     for i in range(N, N + M):

@@ -18,6 +18,7 @@ import torch.optim._muon as torch_muon
 from conftest import jax_float64_results
 from test_muon_adafactor import ns_in_grad_dtype
 from test_step_offset_jax import LATE, M, N, compiled, float64_scalars, gradients, problem
+from test_step_offset_jax import eager_run as _eager_run
 
 from mithril.backends import NumpyBackend
 from mithril.utils import optimizers as O
@@ -57,29 +58,9 @@ def run(case: str, backend: str) -> dict[str, np.ndarray]:
 
 
 def eager_run(case: str) -> dict[str, np.ndarray]:
-    """N steps of the early parameters, then the late ones joined (their group's
-    ``step_offset`` N, the state's slots and values carried over) for M steps."""
-    p0, data = problem()
-    c = compiled(NumpyBackend(dtype="float64"))
-    first = make(case, None)
-    early = {k: v.copy() for k, v in p0.items() if LATE not in k}
-    st = first.init(early)
-    for i in range(N):
-        g = gradients(c, {**early, **{k: v for k, v in p0.items() if LATE in k}}, data[i])
-        early, st = first.update(early, {k: g[k] for k in early}, st)
-    before = first.state_dict(st)
-    opt = make(case, N)
-    p = {**{k: v.copy() for k, v in p0.items() if LATE in k}, **early}
-    fresh = opt.state_dict(opt.init(p))
-    st = opt.load_state_dict({**fresh, **{k: before[k] for k in ("step", "values")
-                                          if k in before},
-                              "slots": {s: {k: before["slots"][s][k] if k in early else
-                                            fresh["slots"][s][k] for k in p}
-                                        for s in fresh["slots"]}}, p)
-    for i in range(N, N + M):
-        p, st = opt.update(p, gradients(c, p, data[i]), st)
-    assert st.step == N + M
-    return p
+    """The eager NumPy engine resuming from an ``N``-step state of the early parameters
+    (:func:`test_step_offset_jax.eager_run`)."""
+    return _eager_run(case, make)
 
 
 def torch_muon_run() -> dict[str, np.ndarray]:

@@ -247,8 +247,9 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         b, top_wires, shapes, constant_keys, data_keys, trainable_keys)
     for key, shape in shapes.items():
         if key not in top_wires:
-            raise KeyMismatchError(f"compile(shapes=...): model has no terminal or parameter "
-                                   f"'{key}'; its terminals are {sorted(top_wires)}")
+            raise KeyMismatchError(f"compile(shapes=...): model has no terminal '{key}' (nor "
+                                   f"a parameter of that name); its terminals are "
+                                   f"{sorted(top_wires)}")
         b.merge_shape(top_wires[key], _as_shape(key, shape), f"{key} (compile shapes)")
 
     nodes = _toposort(b.nodes, b.names)

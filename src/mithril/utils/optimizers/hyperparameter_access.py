@@ -95,12 +95,13 @@ class HyperparameterAccessMixin:
             self._checked_hyperparameter(name, value, None, rule=False)
         except (ValueError, TypeError):
             current = self.__dict__[name]
-            # a number (one left out of range by an unchecked set too) replaced by what is
-            # no number: refused
-            if not (_number(current) and not _number(value)):
-                try:  # (a name the constructor's check cannot take: a nested optimizer's)
-                    self._checked_hyperparameter(name, current, None, rule=False)
-                except (ValueError, TypeError):
+            try:  # (a name the constructor's check cannot take: a nested optimizer's own)
+                self._checked_hyperparameter(name, current, None, rule=False)
+            except (ValueError, TypeError) as e:
+                # ... but a number (one left out of range by an unchecked set too) replaced
+                # by what is no number is refused
+                if "unexpected keyword argument" in str(e) or not (
+                        _number(current) and not _number(value)):
                     return
             raise
 
