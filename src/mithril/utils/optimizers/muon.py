@@ -572,9 +572,10 @@ class Muon(TensorwiseOptimizer):
             out = optax_group_rows(self, rows, out, where, lay.names)
         late: dict[tuple, Any] = {}
         _, g_index, g_rows = state.groups  # (resolved by super().tensor_rows: the groups'
-        for i, n in enumerate(lay.names):  # own offsets, not own rows' raised by missed steps)
-            k = int(g_rows[g_index[i]].get("step_offset", 0))  # a Muon group joining late:
-            if k and n in where:  # its fallback tensors join with it
+        offsets = [int(r.get("step_offset", 0)) for r in g_rows]  # own offsets, not own
+        for i, n in enumerate(lay.names if any(offsets) else ()):  # rows' raised by missed
+            k = offsets[g_index[i]]  # steps) a Muon group joining late: its fallback
+            if k and n in where:  # tensors join with it
                 if (id(out[i]), k) not in late:
                     late[id(out[i]), k] = copy.copy(out[i])
                     late[id(out[i]), k]._step_offset = k
