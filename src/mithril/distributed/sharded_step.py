@@ -86,10 +86,10 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     mine = recv[:data]
     if world > 1 and not half:
         _divide(mine, world)
-    local_sq = 0.0
-    if refused is None:
-        local_sq = _measured_sq(dp, state, params, recv) if _reshapes(dp.optimizer) else \
-            _sumsq(mine)
+    local_sq, own, grads = 0.0, state.names[a:b], {}
+    if refused is None:  # (views of recv: the clip below scales them in place)
+        grads = _own_grads(state, recv)
+        local_sq = _measured_sq(dp, state, params, grads) if _reshapes(opt) else _sumsq(mine)
     total = _small([local_sq, float(refused is not None), my_loss or 0.0, *hyper], mine)
     pg.all_reduce(total)
     if float(_host(total)[1]) > 0:
@@ -125,13 +125,6 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         scale = norm_scale(opt.clip_norm, norm, opt.clip_eps)
         if scale < 1.0:
             _multiply(mine, scale)
-    flags = _host(recv[data:data + (b - a)])
-    own = state.names[a:b]
-    grads = {}
-    for k, n in enumerate(own):
-        if flags[k] > 0:
-            lo = int(ch.local_offset[a + k])
-            grads[n] = recv[lo:lo + ch.sizes[a + k]].reshape(state.shapes[a + k])
     dp._sync_groups(state)
     before = local.num_skipped
     error: BaseException | None = None
@@ -226,20 +219,26 @@ def _reshapes(opt: Any) -> bool:
         "adaptive_clip" in g for g in h.__dict__.get("_groups", ()))
 
 
-def _measured_sq(dp: Any, state: DistributedState, params: Mapping[str, Any], recv: Any
-                 ) -> float:
-    """Σ g² of this rank's averaged gradients as one process's optimizer measures its norm:
-    centralized and adaptively clipped first (each per tensor, or per unit of a tensor: this
-    rank's own tensors suffice; copies, the step does it again). The global norm then
-    scales the gradients as one process's clip does (centralizing is linear)."""
-    h, ch, (a, b) = _holder(dp.optimizer), state.chunks, state.chunks.bounds[state.rank]
+def _own_grads(state: DistributedState, recv: Any) -> dict[str, Any]:
+    """This rank's tensors' averaged gradients, views of ``recv`` (those some rank gave:
+    their flags, summed by the reduce-scatter, are non-zero)."""
+    ch, (a, b) = state.chunks, state.chunks.bounds[state.rank]
     data = ch.data[state.rank]
-    flags = _host(recv[data:data + (b - a)])
-    grads = {}
+    flags, out = _host(recv[data:data + (b - a)]), {}
     for k, n in enumerate(state.names[a:b]):
         if flags[k] > 0:
             lo = int(ch.local_offset[a + k])
-            grads[n] = recv[lo:lo + ch.sizes[a + k]].reshape(state.shapes[a + k])
+            out[n] = recv[lo:lo + ch.sizes[a + k]].reshape(state.shapes[a + k])
+    return out
+
+
+def _measured_sq(dp: Any, state: DistributedState, params: Mapping[str, Any],
+                 grads: dict[str, Any]) -> float:
+    """Σ g² of this rank's averaged gradients ``grads`` as one process's optimizer measures
+    its norm: centralized and adaptively clipped first (each per tensor, or per unit of a
+    tensor: this rank's own tensors suffice; copies, the step does it again). The global
+    norm then scales the gradients as one process's clip does (centralizing is linear)."""
+    h = _holder(dp.optimizer)
     if not grads:
         return 0.0
     dp._sync_groups(state)
