@@ -204,8 +204,8 @@ def _one_program_matches(name: str, steps: int, tol: float) -> tuple:
 #: sgd_momentum's host scalars), an EMA, groups with global clipping, per-tensor clipping,
 #: two-pass with reductions (lamb), slots (nadam), state values (schedule_free_adamw), all
 #: three (dog); a wrapper (lookahead_groups); per-tensor (adafactor, muon and its tolerance,
-#: noisy_sgd's random stream); the loss-aware (momo_adam); the separate calls (lbfgs, sam,
-#: mechanize, schedule_free). The others repeat these paths: ``-m slow``.
+#: noisy_sgd's random stream); the loss-aware (momo_adam); the wrappers of a whole update
+#: (mechanize, schedule_free); the separate calls (lbfgs, sam). The others repeat these paths: ``-m slow``.
 JAX_DEFAULT = ("adam", "sgd_momentum", "adam_amsgrad_ema", "adamw_groups_clip",
                "adam_adaptive_clip", "lamb", "nadam", "schedule_free_adamw", "dog",
                "lookahead_groups", "adafactor", "muon", "noisy_sgd", "momo_adam", "lbfgs", "sam",
@@ -215,10 +215,10 @@ JAX_DEFAULT = ("adam", "sgd_momentum", "adam_amsgrad_ema", "adamw_groups_clip",
 @pytest.mark.parametrize("name", [n if n in JAX_DEFAULT else pytest.param(
     n, marks=pytest.mark.slow) for n in optimizers()])
 def test_jax_one_program_matches(name: str) -> None:
-    """Every optimizer but LBFGS, SAM, Mechanize and ScheduleFree runs as one program; those (a line
-    search of data-dependent length; a second gradient; an update of its own) run the
-    separate calls on JAX too, bit for bit."""
-    if isinstance(optimizers()[name](), (*CLOSURE, catalog.Mechanize, catalog.ScheduleFree)):
+    """Every optimizer but LBFGS and SAM runs as one program (Mechanize and ScheduleFree
+    too: :mod:`mithril.interop.optax_outer`); those (a line search of data-dependent length;
+    a second gradient) run the separate calls on JAX too, bit for bit."""
+    if isinstance(optimizers()[name](), CLOSURE):
         step, state = _one_program_matches(name, STEPS, 0.0)
         assert not step.fused and isinstance(state, OptimizerState) and state.step == STEPS
         if name == "lbfgs":

@@ -118,17 +118,20 @@ class HyperparameterWatch:
         self._snapshot: dict[str, Any] | None = None
         self.rebuilds: int = 0
         if self._fused:
+            from ..interop.optax_outer import is_outer, outer_base
             from ..interop.optax_special import classify, state_hyperparams
 
-            # (a per-tensor optimizer traces what it lists: Muon's momentum)
-            self._kind = classify(optimizer)
-            self._traces_floats = self._kind in ("elementwise", "tensorwise")
-            self._state_kept = state_hyperparams(optimizer)  # (schedule-free's beta1)
+            # (a per-tensor optimizer traces what it lists: Muon's momentum; a wrapper's
+            # program bakes every hyperparameter in but the learning rate)
+            self._kind = classify(outer_base(optimizer))
+            self._traces_floats = self._kind in ("elementwise", "tensorwise") and \
+                not is_outer(optimizer)
+            # (schedule-free's beta1)
+            self._state_kept = state_hyperparams(outer_base(optimizer))
 
     def _transformation(self) -> Any:
         if self._tx is None:
             from ..interop.optax_hyperparams import floats, traceable
-            from ..interop.optax_transform import optax_transformation
 
             self._hyper_seen = self._hyper_versions()
             # (one set to an integer or None since, or whose group is gone, is baked in again)
@@ -136,18 +139,31 @@ class HyperparameterWatch:
             if self._tracing:  # (every float one: a schedule begun later compiles nothing)
                 traced.update(floats(self.optimizer))
             self._traced = tuple(sorted(traced))
-            tx = optax_transformation(self.optimizer, traced_hyperparams=self._traced)
-            if getattr(self, "_own_counts", False) and self._kind == "tensorwise":
-                from .train_step_own_counts import own_counts  # (update(missed=): its module)
-
-                tx = own_counts(tx, self.optimizer, self._traced)
-            if getattr(self.optimizer, "reset_state", False):
-                tx = group_counts(tx)
-            self._tx = counting(tx, self.optimizer)
+            self._tx = counting(self._transformation_of(self.optimizer), self.optimizer)
             if self._traces_floats:
                 self._snapshot = hyper_snapshot(self.optimizer, self._traced)
             self._hyper_args = self._hyper_arrays()
         return self._tx
+
+    def _transformation_of(self, opt: Any) -> Any:
+        """The program's transformation of ``opt``: a wrapper's (Mechanize, ScheduleFree:
+        :mod:`~mithril.interop.optax_outer`) around its base's, else ``opt``'s own (each
+        tensor's own count where the loss leaves some out, a Lookahead with
+        ``reset_state`` counting none missed)."""
+        from ..interop.optax_outer import is_outer, outer_transformation
+        from ..interop.optax_special import classify
+        from ..interop.optax_transform import optax_transformation
+
+        if is_outer(opt):
+            return outer_transformation(opt, self._transformation_of(opt.base_optimizer))
+        tx = optax_transformation(opt, traced_hyperparams=self._traced)
+        if getattr(self, "_own_counts", False) and classify(opt) == "tensorwise":
+            from .train_step_own_counts import own_counts  # (update(missed=): its module)
+
+            tx = own_counts(tx, opt, self._traced)
+        if getattr(opt, "reset_state", False):
+            tx = group_counts(tx)
+        return tx
 
     def _hyper_versions(self) -> tuple:
         return tuple(map(VERSIONS, self._hyper_dicts))

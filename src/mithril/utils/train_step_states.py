@@ -105,10 +105,11 @@ def counts_own_steps(optimizer: Any) -> bool:
     group's steps and its inner rules each parameter's, except with ``reset_state``, whose
     inner count restarts at each sync, one for all (no missed step counted:
     :func:`~.train_step_jax.group_counts`)."""
+    from ..interop.optax_outer import outer_base
     from ..interop.optax_special import classify
 
     try:
-        classify(optimizer)
+        classify(outer_base(optimizer))
     except TypeError:  # (refused as a transformation: the step says why when it is made)
         return False
     return True

@@ -25,7 +25,8 @@ How each backend runs it:
   counts its own steps there, :mod:`~mithril.utils.train_step_states`).
 * **JAX**, with the state of :meth:`TrainStep.init` (an
   :class:`~mithril.interop.OptaxState`): forward, backward and the update of any optimizer
-  but LBFGS (groups, clipping, two-pass, tensorwise, weight averaging) are **one**
+  but LBFGS, SAM and DP-SGD (groups, clipping, two-pass, tensorwise, weight averaging,
+  Mechanize and ScheduleFree around any of them) are **one**
   ``jax.jit`` program (the optimizer's own math, through
   :func:`~mithril.interop.optax_transformation`), with the params and the optimizer state
   donated; the inputs are checked as ``evaluate`` checks them (shapes, dtypes and types once
@@ -65,10 +66,12 @@ How each backend runs it:
   step); the outputs are those at the params given. :meth:`TrainStep.init` is
   ``optimizer.init`` there, JAX included (a line search of data-dependent length is not one
   program).
-* **JAX with** ``nonfinite="raise"`` (a program cannot raise), **or an optimizer whose
-  update is its own** (a wrapper such as Mechanize, that no optax transformation runs): the
-  separate calls, as with an ``OptimizerState``; :meth:`TrainStep.init` is
-  ``optimizer.init``.
+* **JAX with** ``nonfinite="raise"`` (a program cannot raise): the separate calls, as with
+  an ``OptimizerState``; :meth:`TrainStep.init` is ``optimizer.init``. A wrapper of a whole
+  base optimizer's update (Mechanize, ScheduleFree) is one program too
+  (:mod:`~mithril.interop.optax_outer`: the base's transformation and the wrapper's math
+  around it), its own hyperparameters baked in (a change builds the program anew), the
+  base's learning rate read on every call.
 * **DP-SGD** (an optimizer whose ``update`` takes per-example gradients,
   :class:`~mithril.utils.optimizers.DifferentiallyPrivate`), on every backend:
   :func:`~mithril.utils.per_example.per_example_gradients` of the step's data, then one
@@ -116,12 +119,13 @@ __all__ = ["TrainStep", "make_train_step"]
 
 def _one_program(optimizer: Any) -> bool:
     """Whether the JAX program can hold ``optimizer``'s update: it is made of the slots,
-    scalars and math (or tensor_update) an optax transformation runs; a wrapper whose
-    ``update`` is its own (Mechanize) takes the separate calls."""
+    scalars and math (or tensor_update) an optax transformation runs, or is a wrapper
+    (Mechanize, ScheduleFree) of such a one."""
+    from ..interop.optax_outer import outer_base
     from ..interop.optax_special import classify
 
-    try:
-        classify(optimizer)
+    try:  # (a Mechanize's, a ScheduleFree's: :mod:`~mithril.interop.optax_outer`)
+        classify(outer_base(optimizer))
     except TypeError:
         return False
     return True
