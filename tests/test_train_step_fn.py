@@ -205,7 +205,7 @@ def _one_program_matches(name: str, steps: int, tol: float) -> tuple:
 #: two-pass with reductions (lamb), slots (nadam), state values (schedule_free_adamw), all
 #: three (dog); a wrapper (lookahead_groups); per-tensor (adafactor, muon and its tolerance,
 #: noisy_sgd's random stream); the loss-aware (momo_adam); the wrappers of a whole update
-#: (mechanize, schedule_free); the separate calls (lbfgs, sam). The others repeat these paths: ``-m slow``.
+#: (mechanize, schedule_free); the second gradient (sam); the separate calls (lbfgs). The others repeat these paths: ``-m slow``.
 JAX_DEFAULT = ("adam", "sgd_momentum", "adam_amsgrad_ema", "adamw_groups_clip",
                "adam_adaptive_clip", "lamb", "nadam", "schedule_free_adamw", "dog",
                "lookahead_groups", "adafactor", "muon", "noisy_sgd", "momo_adam", "lbfgs", "sam",
@@ -215,10 +215,11 @@ JAX_DEFAULT = ("adam", "sgd_momentum", "adam_amsgrad_ema", "adamw_groups_clip",
 @pytest.mark.parametrize("name", [n if n in JAX_DEFAULT else pytest.param(
     n, marks=pytest.mark.slow) for n in optimizers()])
 def test_jax_one_program_matches(name: str) -> None:
-    """Every optimizer but LBFGS and SAM runs as one program (Mechanize and ScheduleFree
-    too: :mod:`mithril.interop.optax_outer`); those (a line search of data-dependent length;
-    a second gradient) run the separate calls on JAX too, bit for bit."""
-    if isinstance(optimizers()[name](), CLOSURE):
+    """Every optimizer but LBFGS runs as one program (Mechanize and ScheduleFree too:
+    :mod:`mithril.interop.optax_outer`; SAM's second gradient a second forward+VJP in it:
+    :mod:`mithril.utils.train_step_sam`); LBFGS (a line search of data-dependent length)
+    runs the separate calls on JAX too, bit for bit."""
+    if isinstance(optimizers()[name](), LBFGS):
         step, state = _one_program_matches(name, STEPS, 0.0)
         assert not step.fused and isinstance(state, OptimizerState) and state.step == STEPS
         if name == "lbfgs":

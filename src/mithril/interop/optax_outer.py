@@ -42,8 +42,12 @@ def is_outer(opt: Any) -> bool:
 
 
 def outer_base(opt: Any) -> Any:
-    """The optimizer a chain of wrappers ends at (``opt`` itself where it is none)."""
-    while is_outer(opt):
+    """The optimizer a chain of wrappers (these and SAM, whose second gradient the train
+    step's program takes: :mod:`~mithril.utils.train_step_sam`) ends at (``opt`` itself
+    where it is none)."""
+    from ..utils.optimizers.sam import SAM
+
+    while is_outer(opt) or isinstance(opt, SAM):
         opt = opt.base_optimizer
     return opt
 

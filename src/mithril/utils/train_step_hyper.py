@@ -118,14 +118,14 @@ class HyperparameterWatch:
         self._snapshot: dict[str, Any] | None = None
         self.rebuilds: int = 0
         if self._fused:
-            from ..interop.optax_outer import is_outer, outer_base
+            from ..interop.optax_outer import outer_base
             from ..interop.optax_special import classify, state_hyperparams
 
             # (a per-tensor optimizer traces what it lists: Muon's momentum; a wrapper's
             # program bakes every hyperparameter in but the learning rate)
             self._kind = classify(outer_base(optimizer))
             self._traces_floats = self._kind in ("elementwise", "tensorwise") and \
-                not is_outer(optimizer)
+                outer_base(optimizer) is optimizer
             # (schedule-free's beta1)
             self._state_kept = state_hyperparams(outer_base(optimizer))
 
@@ -153,7 +153,10 @@ class HyperparameterWatch:
         from ..interop.optax_outer import is_outer, outer_transformation
         from ..interop.optax_special import classify
         from ..interop.optax_transform import optax_transformation
+        from .optimizers.sam import SAM
 
+        if isinstance(opt, SAM):  # (its second gradient: the program's, train_step_sam)
+            return self._transformation_of(opt.base_optimizer)
         if is_outer(opt):
             return outer_transformation(opt, self._transformation_of(opt.base_optimizer))
         tx = optax_transformation(opt, traced_hyperparams=self._traced)

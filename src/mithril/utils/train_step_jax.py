@@ -275,7 +275,8 @@ def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: 
 
 def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
               inputs: dict, rng: Any, mstate: dict, training: bool, lr: Any = None,
-              hyper: Any = None, unreached: frozenset[str] = frozenset()) -> tuple:
+              hyper: Any = None, unreached: frozenset[str] = frozenset(),
+              sam: Any = None) -> tuple:
     """Inside a JAX train-step program: forward, the gradients of ``loss`` for the parameters
     ``ptuple`` and the optimizer's update (``tx``, an optax transformation, at learning rate
     ``lr`` (None: the state's); ``hyper``: the values of its traced hyperparameters).
@@ -287,7 +288,8 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     :data:`NONFINITE` counts the non-finite steps applied (:func:`nonfinite_counts`); one
     holding :data:`MISSED` updates the parameters the loss reaches (all but ``unreached``)
     on their own counts and counts an applied step as missed for the others
-    (:func:`update_reached`).
+    (:func:`update_reached`). ``sam``: a SAM whose base ``tx`` is, the update then taking
+    the gradients at its perturbed point (:mod:`~.train_step_sam`), which are those returned.
     """
     import jax.numpy as jnp
 
@@ -303,6 +305,10 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
                                              training=training)
     else:
         out, grads = ev._fwd_vjp(ptuple, inputs, cots)
+    if sam is not None:  # (no context operator there: train_step_sam.fuses)
+        from .train_step_sam import perturbed_gradients
+
+        grads = perturbed_gradients(ev, sam, ptuple, inputs, cots, grads, unreached)
     names = ev.names
     params = dict(zip(names, ptuple, strict=True))
     old_state = opt_state

@@ -25,8 +25,9 @@ How each backend runs it:
   counts its own steps there, :mod:`~mithril.utils.train_step_states`).
 * **JAX**, with the state of :meth:`TrainStep.init` (an
   :class:`~mithril.interop.OptaxState`): forward, backward and the update of any optimizer
-  but LBFGS, SAM and DP-SGD (groups, clipping, two-pass, tensorwise, weight averaging,
-  Mechanize and ScheduleFree around any of them) are **one**
+  but LBFGS and DP-SGD (groups, clipping, two-pass, tensorwise, weight averaging,
+  Mechanize and ScheduleFree around any of them, SAM's second gradient:
+  :mod:`~mithril.utils.train_step_sam`) are **one**
   ``jax.jit`` program (the optimizer's own math, through
   :func:`~mithril.interop.optax_transformation`), with the params and the optimizer state
   donated; the inputs are checked as ``evaluate`` checks them (shapes, dtypes and types once
@@ -65,7 +66,10 @@ How each backend runs it:
   the step's ``data`` at the params L-BFGS asks for (up to ``max_eval`` evaluations a
   step); the outputs are those at the params given. :meth:`TrainStep.init` is
   ``optimizer.init`` there, JAX included (a line search of data-dependent length is not one
-  program).
+  program). SAM (its ``update`` takes ``closure=`` too) is the same on NumPy and torch
+  (the closure gives the gradient at the perturbed point); on JAX its step is one program
+  (:mod:`~mithril.utils.train_step_sam`) unless the model has context operators or the
+  base needs the loss.
 * **JAX with** ``nonfinite="raise"`` (a program cannot raise): the separate calls, as with
   an ``OptimizerState``; :meth:`TrainStep.init` is ``optimizer.init``. A wrapper of a whole
   base optimizer's update (Mechanize, ScheduleFree) is one program too
@@ -111,6 +115,7 @@ from .train_step_jax import (
     state_before_run,
     step_body,
 )
+from .train_step_sam import fuses
 from .train_step_states import counts_own_steps, optax_state_of, optimizer_state_of, with_missed
 from .unreached_params import unreached_params, update_reached
 
@@ -192,7 +197,10 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
             _check_per_example_model(compiled)
         # the separate calls everywhere for a wrapper of the optimizer contract (Accumulate)
         # and for nonfinite="raise" (a program cannot raise)
-        self._fused = self.backend.name == "jax" and own and not self._closure_driven and \
+        # (SAM's second gradient is a second forward+VJP in the program: train_step_sam)
+        self._sam = own and self._closure_driven and fuses(optimizer, compiled)
+        self._fused = self.backend.name == "jax" and own and (
+            not self._closure_driven or self._sam) and \
             not self._per_example and \
             optimizer.nonfinite != "raise" and _one_program(optimizer)
         # (each parameter's own step count in the program: see train_step_states)
@@ -461,13 +469,14 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
         configure_jax()  # the step's program compiles once per machine (JAX's disk cache)
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
+        sam = self.optimizer if self._sam else None
         with_ctx = c.program.has_context
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     lr: Any, hyper: Any, training: bool) -> tuple:
             new, new_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, opt_state, inputs, rng, mstate, training, lr,
-                hyper, self._unreached)
+                hyper, self._unreached, sam)
             return new, new_state, out, new_mstate, (
                 gradients_norm(list(grads)) if self.grad_norm else None)
 

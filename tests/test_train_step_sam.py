@@ -1,0 +1,110 @@
+"""SAM / ASAM in the one-program JAX train step (:mod:`mithril.utils.train_step_sam`): the
+gradient at the perturbed point is a second forward+VJP inside the program. Before, SAM's
+step on JAX was the separate calls (``SAM.update`` with the model as its closure), which
+each case here runs beside it on the same batches: params, state and losses to float32
+rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+
+from test_train_step_outer_wrappers import _close, _problem, _run, _same_states  # noqa: E402
+from test_unreached_params import SCHEDULE, data_of, two_heads  # noqa: E402
+
+import mithril as ml  # noqa: E402
+from mithril.backends import JaxBackend  # noqa: E402
+from mithril.utils import optimizers as o  # noqa: E402
+from mithril.utils.optimizers.state import OptimizerState  # noqa: E402
+from mithril.utils.training import make_train_step  # noqa: E402
+
+CASES = {
+    "sam_sgd": lambda: o.SAM(o.SGD(learning_rate=0.1, momentum=0.9), rho=0.1),
+    "sam_adam": lambda: o.SAM(o.Adam(learning_rate=1e-2)),
+    "asam_adamw_groups_clip": lambda: o.SAM(o.AdamW(
+        learning_rate=1e-2, clip_norm=0.5,
+        param_groups=[{"params": "bias", "lr_scale": 0.5, "weight_decay": 0.0}]),
+        rho=0.5, adaptive=True),
+    "sam_lamb_eps0": lambda: o.SAM(o.LAMB(learning_rate=1e-2), eps=0.0),
+    "sam_mechanize": lambda: o.SAM(o.Mechanize(o.Adam(learning_rate=1.0), s_init=1e-3)),
+    "sam_adafactor": lambda: o.SAM(o.Adafactor(learning_rate=1e-2)),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_one_program_equals_the_separate_calls(name: str) -> None:
+    c, be, batches = _problem()
+    _, want, want_state, want_losses = _run(c, CASES[name](), batches, fused=False)
+    assert isinstance(want_state, OptimizerState) and want_state.kind == "SAM"
+    step, got, state, losses = _run(c, CASES[name](), batches, fused=True)
+    assert step.fused and type(state).__name__ == "OptaxState"
+    assert step.rebuilds == 0 and step._jitted._cache_size() == 1
+    np.testing.assert_allclose(losses, want_losses, rtol=2e-6, atol=2e-6)
+    _close(got, want)
+    _same_states(step.to_optimizer_state(state, got), want_state)
+
+
+def test_the_second_gradient_is_taken() -> None:
+    """Against the base optimizer's own one-program step: SAM moves the params elsewhere
+    (rho large), so the program does not just step with the first gradient."""
+    c, be, batches = _problem()
+    _, plain, _, _ = _run(c, o.SGD(learning_rate=0.1), batches[:1], fused=True)
+    _, sam, _, _ = _run(c, o.SAM(o.SGD(learning_rate=0.1), rho=1.0), batches[:1], fused=True)
+    assert max(float(np.abs(np.asarray(sam[n]) - np.asarray(plain[n])).max())
+               for n in plain) > 1e-3
+
+
+def test_rho_change_rebuilds_and_is_taken() -> None:
+    c, be, batches = _problem()
+
+    def between(opt, i: int) -> None:
+        if i == 2:
+            opt.rho = 0.3
+
+    def make():
+        return o.SAM(o.Adam(learning_rate=1e-2), rho=0.05)
+
+    _, want, want_state, _ = _run(c, make(), batches, fused=False, between=between)
+    step, got, state, _ = _run(c, make(), batches, fused=True, between=between)
+    assert step.fused and step.rebuilds == 1
+    _close(got, want)
+    _same_states(step.to_optimizer_state(state, got), want_state)
+
+
+def test_params_the_loss_does_not_reach_are_not_perturbed() -> None:
+    """Two heads trained by turns: the unreached head is not perturbed, not in ‖g‖, and
+    the base leaves it out (a missed step counted), in the program as in the separate
+    calls."""
+    runs = {}
+    for fused in (False, True):
+        c = ml.compile(two_heads(), JaxBackend(), shapes={"input": [8, 3]})
+        opt = o.SAM(o.AdamW(learning_rate=1e-2, weight_decay=0.1), rho=0.2)
+        steps = {k: make_train_step(c, opt, loss=k) for k in ("loss_a", "loss_b")}
+        assert all(s.fused for s in steps.values())
+        params = c.get_parameters()
+        state = steps["loss_a"].init(params) if fused else opt.init(params)
+        rng = np.random.default_rng(1)
+        for loss in SCHEDULE:
+            data = {k: c.backend.array(v.astype(np.float32)) for k, v in data_of(rng).items()}
+            params, state, _ = steps[loss](params, state, data)
+        runs[fused] = (params, steps["loss_a"].to_optimizer_state(state, params))
+    (want, want_state), (got, state) = runs[False], runs[True]
+    _close(got, want)
+    assert state.missed_counts() == want_state.missed_counts() != {}
+    _same_states(state, want_state)
+
+
+def test_dropout_and_loss_aware_bases_keep_the_separate_calls() -> None:
+    """A Dropout draws a mask per evaluation (the closure's second one its own), and a
+    loss-aware base needs a loss SAM does not give it: both stay the separate calls."""
+    m = ml.Model()
+    m |= ml.Linear(4)(input="input", output="h")
+    m |= ml.Dropout(0.5)(input="h", output="d")
+    m |= ml.Mean()(input="d", output=ml.IOKey("loss"))
+    c = ml.compile(m, JaxBackend(), shapes={"input": [2, 3]})
+    assert not make_train_step(c, o.SAM(o.SGD(learning_rate=0.1)), loss="loss").fused
+    assert make_train_step(c, o.SGD(learning_rate=0.1), loss="loss").fused
+    c2, _, _ = _problem()
+    assert not make_train_step(c2, o.SAM(o.PolyakSGD()), loss="loss").fused
