@@ -6,9 +6,14 @@ the base's (``inner``) and its own math around it, traced, so that
 :func:`~mithril.utils.training.make_train_step` keeps forward, backward and the whole update
 one ``jax.jit`` program.
 
+:class:`~mithril.utils.optimizers.DifferentiallyPrivate` is one too, for the count it
+keeps: the train step aggregates the per-example gradients it is given
+(:mod:`~mithril.utils.train_step_private`) and this transformation's ``updates`` are their
+noised mean.
+
 The state is the base's :class:`~.optax_transform.OptaxState` with the wrapper's own slots
 (Mechanic's ``"mechanic_x0"``, schedule-free's ``"z"``) and values (Mechanic's
-``"mechanic_count"``, ``"mechanic_r0"`` ...; ``"weight_sum"``, ``"max_lr"``) beside the
+``"mechanic_count"``, ``"mechanic_r0"`` ...; ``"weight_sum"``, ``"max_lr"``; ``"dp_count"``) beside the
 base's, under the names the wrapper's ``OptimizerState`` keeps them (so
 :meth:`~mithril.utils.training.TrainStep.to_optimizer_state` and ``from_optimizer_state``
 convert them as any other). The math is the wrapper's ``update`` (its class docs); the
@@ -27,13 +32,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..utils.optimizers.differentially_private import COUNT, DifferentiallyPrivate
 from ..utils.optimizers.mechanize import X0, Mechanize
 from ..utils.optimizers.schedule_free_wrapper import ScheduleFree
 
-__all__ = ["is_outer", "outer_base", "outer_transformation"]
+__all__ = ["is_outer", "outer_base", "outer_transformation", "wrappers"]
 
 #: the wrappers the program runs, by class
-_OUTER = (Mechanize, ScheduleFree)
+_OUTER = (Mechanize, ScheduleFree, DifferentiallyPrivate)
 
 
 def is_outer(opt: Any) -> bool:
@@ -41,15 +47,21 @@ def is_outer(opt: Any) -> bool:
     return isinstance(opt, _OUTER)
 
 
-def outer_base(opt: Any) -> Any:
-    """The optimizer a chain of wrappers (these and SAM, whose second gradient the train
-    step's program takes: :mod:`~mithril.utils.train_step_sam`) ends at (``opt`` itself
-    where it is none)."""
+def wrappers(opt: Any) -> list[Any]:
+    """``opt`` and the base optimizers of the wrappers it is made of (these and SAM, whose
+    second gradient the train step's program takes: :mod:`~mithril.utils.train_step_sam`),
+    outermost first: the last is the one the wrappers wrap."""
     from ..utils.optimizers.sam import SAM
 
-    while is_outer(opt) or isinstance(opt, SAM):
-        opt = opt.base_optimizer
-    return opt
+    chain = [opt]
+    while is_outer(chain[-1]) or isinstance(chain[-1], SAM):
+        chain.append(chain[-1].base_optimizer)
+    return chain
+
+
+def outer_base(opt: Any) -> Any:
+    """The optimizer a chain of wrappers ends at (``opt`` itself where it is none)."""
+    return wrappers(opt)[-1]
 
 
 def _split(state: Any, slots: tuple[str, ...], values: tuple[str, ...]) -> tuple[Any, dict,
@@ -139,6 +151,21 @@ def _schedule_free(opt: ScheduleFree) -> Callable:
     return step
 
 
+def _private(opt: DifferentiallyPrivate) -> Callable:
+    """DP-SGD's count of aggregated steps (the noise's counter), one more per step, a
+    skipped one too (as its ``update``): the aggregation itself, of per-example gradients,
+    is the train step's (:mod:`~mithril.utils.train_step_private`), the base's update takes
+    its mean."""
+
+    def step(params: dict, grads: dict, slots: dict, values: dict, lr: Any,
+             inner: Callable) -> tuple[dict, dict, dict, Any]:
+        new, state, applied = inner()
+        return new, {}, {COUNT: values[COUNT] + 1}, (new, state, applied)
+
+    step.counts_skipped = True  # type: ignore[attr-defined]
+    return step
+
+
 def outer_transformation(opt: Any, inner: Any) -> Any:
     """``opt`` (a Mechanize or ScheduleFree: :func:`is_outer`) as an optax transformation
     around ``inner``, its base optimizer's (built with ``learning_rate=None``: the state's),
@@ -153,7 +180,9 @@ def outer_transformation(opt: Any, inner: Any) -> Any:
     from .optax_transform import OptaxState
 
     own_slots, own_values = tuple(opt.own_slots), tuple(opt.own_values())
-    math = (_mechanize if isinstance(opt, Mechanize) else _schedule_free)(opt)
+    math = (_mechanize if isinstance(opt, Mechanize) else _schedule_free
+            if isinstance(opt, ScheduleFree) else _private)(opt)
+    every = getattr(math, "counts_skipped", False)  # (its values move on a skipped step too)
     skips = opt.nonfinite == "skip"
 
     def init(params: Any) -> OptaxState:
@@ -193,8 +222,8 @@ def outer_transformation(opt: Any, inner: Any) -> Any:
         out = {n: jnp.where(applied, out[n], p) for n, p in params.items()}
         slots = {s: keep(lambda a, b: jnp.where(applied, a, b), own_slot_vals[s], slots[s])
                  for s in own_slots}
-        values = {k: jnp.where(applied, own_vals[k], values[k]).astype(values[k].dtype)
-                  for k in own_values}
+        values = {k: (own_vals[k] if every else jnp.where(applied, own_vals[k], values[k])
+                      ).astype(values[k].dtype) for k in own_values}
         state = after._replace(slots={**after.slots, **slots},
                                values={**after.values, **values})
         if new_params:

@@ -276,7 +276,7 @@ def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: 
 def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_state: Any,
               inputs: dict, rng: Any, mstate: dict, training: bool, lr: Any = None,
               hyper: Any = None, unreached: frozenset[str] = frozenset(),
-              sam: Any = None) -> tuple:
+              sam: Any = None, private: tuple | None = None) -> tuple:
     """Inside a JAX train-step program: forward, the gradients of ``loss`` for the parameters
     ``ptuple`` and the optimizer's update (``tx``, an optax transformation, at learning rate
     ``lr`` (None: the state's); ``hyper``: the values of its traced hyperparameters).
@@ -289,7 +289,9 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
     holding :data:`MISSED` updates the parameters the loss reaches (all but ``unreached``)
     on their own counts and counts an applied step as missed for the others
     (:func:`update_reached`). ``sam``: a SAM whose base ``tx`` is, the update then taking
-    the gradients at its perturbed point (:mod:`~.train_step_sam`), which are those returned.
+    the gradients at its perturbed point (:mod:`~.train_step_sam`), which are those returned;
+    ``private``: (a DP-SGD optimizer, the model's constant keys), the update then taking the
+    noised mean of the per-example gradients (:mod:`~.train_step_private`), returned.
     """
     import jax.numpy as jnp
 
@@ -300,7 +302,13 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
                                                     "learning_rate": lr})
 
     cots = {loss: jnp.ones((), ptuple[0].dtype if ptuple else jnp.float32)}
-    if with_ctx:
+    if private is not None:  # (no context operator there: refused at make_train_step)
+        from .optimizers.differentially_private import COUNT
+        from .train_step_private import private_gradients
+
+        out, grads = private_gradients(ev, *private, ptuple, inputs, cots,
+                                       opt_state.values[COUNT], unreached)
+    elif with_ctx:
         out, grads, mstate = ev._fwd_vjp_ctx(ptuple, inputs, rng, mstate, cots,
                                              training=training)
     else:

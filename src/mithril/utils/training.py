@@ -25,9 +25,10 @@ How each backend runs it:
   counts its own steps there, :mod:`~mithril.utils.train_step_states`).
 * **JAX**, with the state of :meth:`TrainStep.init` (an
   :class:`~mithril.interop.OptaxState`): forward, backward and the update of any optimizer
-  but LBFGS and DP-SGD (groups, clipping, two-pass, tensorwise, weight averaging,
-  Mechanize and ScheduleFree around any of them, SAM's second gradient:
-  :mod:`~mithril.utils.train_step_sam`) are **one**
+  but LBFGS (groups, clipping, two-pass, tensorwise, weight averaging, Mechanize and
+  ScheduleFree around any of them, SAM's second gradient:
+  :mod:`~mithril.utils.train_step_sam`, DP-SGD's per-example gradients:
+  :mod:`~mithril.utils.train_step_private`) are **one**
   ``jax.jit`` program (the optimizer's own math, through
   :func:`~mithril.interop.optax_transformation`), with the params and the optimizer state
   donated; the inputs are checked as ``evaluate`` checks them (shapes, dtypes and types once
@@ -77,9 +78,12 @@ How each backend runs it:
   around it), its own hyperparameters baked in (a change builds the program anew), the
   base's learning rate read on every call.
 * **DP-SGD** (an optimizer whose ``update`` takes per-example gradients,
-  :class:`~mithril.utils.optimizers.DifferentiallyPrivate`), on every backend:
+  :class:`~mithril.utils.optimizers.DifferentiallyPrivate`), on NumPy and torch (and on
+  JAX with an ``OptimizerState``):
   :func:`~mithril.utils.per_example.per_example_gradients` of the step's data, then one
-  ``update``; :meth:`TrainStep.init` is ``optimizer.init``.
+  ``update``; :meth:`TrainStep.init` is ``optimizer.init`` there. On JAX it is one program
+  (:mod:`~mithril.utils.train_step_private`: ``jax.vmap`` of the forward+VJP, the
+  aggregation and the base's update).
 * **A wrapper of the optimizer contract** that is not a mithril optimizer
   (:class:`~mithril.utils.accumulation.Accumulate`): ``evaluate`` + its ``update`` on every
   backend (an ``Accumulate``'s without the params the loss does not reach, as above);
@@ -125,10 +129,13 @@ __all__ = ["TrainStep", "make_train_step"]
 def _one_program(optimizer: Any) -> bool:
     """Whether the JAX program can hold ``optimizer``'s update: it is made of the slots,
     scalars and math (or tensor_update) an optax transformation runs, or is a wrapper
-    (Mechanize, ScheduleFree) of such a one."""
-    from ..interop.optax_outer import outer_base
+    (Mechanize, ScheduleFree, SAM, DP-SGD's aggregation at the top) of such a one."""
+    from ..interop.optax_outer import outer_base, wrappers
     from ..interop.optax_special import classify
+    from .optimizers.differentially_private import DifferentiallyPrivate
 
+    if any(isinstance(w, DifferentiallyPrivate) for w in wrappers(optimizer)[1:]):
+        return False  # (a DP-SGD's update under another wrapper takes no batch gradient)
     try:  # (a Mechanize's, a ScheduleFree's: :mod:`~mithril.interop.optax_outer`)
         classify(outer_base(optimizer))
     except TypeError:
@@ -201,7 +208,6 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
         self._sam = own and self._closure_driven and fuses(optimizer, compiled)
         self._fused = self.backend.name == "jax" and own and (
             not self._closure_driven or self._sam) and \
-            not self._per_example and \
             optimizer.nonfinite != "raise" and _one_program(optimizer)
         # (each parameter's own step count in the program: see train_step_states)
         self._own_counts = self._fused and counts_own_steps(optimizer)
@@ -442,9 +448,11 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
         check_state_kind(self.optimizer, opt_state)  # before the model runs
         c = self.compiled
         rows = per_example_gradients(c, params, data, self.loss)
-        grads = {n: g for n, g in rows.items() if n not in self._unreached}
         outputs = c.evaluate(params, data)
-        params, opt_state = self.optimizer.update(params, grads, opt_state)
+        # (their missed steps counted, as the other steps count them: each parameter's
+        # rules then read its own step, t − missed)
+        params, opt_state = update_reached(self.optimizer, self._unreached, params, rows,
+                                           opt_state)
         self._norm_of = opt_state
         return params, opt_state, outputs
 
@@ -470,13 +478,15 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
         sam = self.optimizer if self._sam else None
+        # (DP-SGD: its per-example gradients and their aggregation, train_step_private)
+        private = (self.optimizer, frozenset(c._consts)) if self._per_example else None
         with_ctx = c.program.has_context
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     lr: Any, hyper: Any, training: bool) -> tuple:
             new, new_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, opt_state, inputs, rng, mstate, training, lr,
-                hyper, self._unreached, sam)
+                hyper, self._unreached, sam, private)
             return new, new_state, out, new_mstate, (
                 gradients_norm(list(grads)) if self.grad_norm else None)
 
