@@ -108,3 +108,59 @@ def test_dropout_and_loss_aware_bases_keep_the_separate_calls() -> None:
     assert make_train_step(c, o.SGD(learning_rate=0.1), loss="loss").fused
     c2, _, _ = _problem()
     assert not make_train_step(c2, o.SAM(o.PolyakSGD()), loss="loss").fused
+
+
+@pytest.mark.parametrize("name", ["sam", "asam", "dp", "mechanize", "schedule_free"])
+def test_sharded_step_takes_them_as_the_plain_step(name: str) -> None:
+    """``make_sharded_train_step`` (one device here, the state sharded: padded flat slots)
+    runs the same program as the plain step: SAM's second gradient and DP-SGD's
+    per-example ones included (it ran their base's update alone, or refused them)."""
+    from mithril.distributed.jax_parallel import make_sharded_train_step
+
+    make = {"sam": lambda: o.SAM(o.Adam(learning_rate=1e-2), rho=0.1),
+            "asam": lambda: o.SAM(o.SGD(learning_rate=0.1, momentum=0.9), adaptive=True),
+            "dp": lambda: o.DPSGD(0.1, noise_multiplier=0.5, seed=3),
+            "mechanize": lambda: o.Mechanize(o.Adam(learning_rate=1.0), s_init=1e-3),
+            "schedule_free": lambda: o.ScheduleFree(o.Adam(learning_rate=1e-2, beta1=0.0)),
+            }[name]
+    c, be, batches = _problem()
+    _, want, want_state, _ = _run(c, make(), batches[:3], fused=False)
+    step = make_sharded_train_step(c, make(), loss="loss", devices=1, shard_state=True)
+    params = c.get_parameters()
+    state = step.init(params)
+    for data in batches[:3]:
+        params, state, _ = step(params, state, data)
+    _close(params, want)
+    _same_states(step.to_optimizer_state(state, params), want_state)
+
+
+def test_sharded_step_refuses_what_the_plain_step_runs_separately() -> None:
+    from mithril.distributed.jax_parallel import make_sharded_train_step
+
+    m = ml.Model()
+    m |= ml.Linear(4)(input="input", output="h")
+    m |= ml.Dropout(0.5)(input="h", output="d")
+    m |= ml.Mean()(input="d", output=ml.IOKey("loss"))
+    c = ml.compile(m, JaxBackend(), shapes={"input": [2, 3]})
+    with pytest.raises(TypeError, match="SAM's step cannot be one program"):
+        make_sharded_train_step(c, o.SAM(o.SGD(learning_rate=0.1)), loss="loss", devices=1)
+    c2, _, _ = _problem()
+    with pytest.raises(TypeError, match="Mechanize's step cannot be one program"):
+        make_sharded_train_step(c2, o.Mechanize(o.DPSGD()), loss="loss", devices=1)
+
+
+@pytest.mark.slow
+def test_sharded_on_two_devices() -> None:
+    """Two CPU devices (a process of its own): the batch split over them, replicated and
+    sharded state, SAM / DP-SGD / Mechanize / ScheduleFree equal to one process's separate
+    calls to 5e-6 (tests/jax_wrappers_worker.py)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run([sys.executable, os.path.join(here, "jax_wrappers_worker.py")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count(" ok") == 8, out.stdout

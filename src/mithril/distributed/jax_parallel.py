@@ -160,6 +160,14 @@ def state_bytes_per_device(opt_state: Any) -> dict[str, int]:
     return out
 
 
+def _second_gradients(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is or wraps a SAM or a DP-SGD (gradients of its own)."""
+    from ..interop.optax_outer import wrappers
+    from ..utils.optimizers import SAM, DifferentiallyPrivate
+
+    return any(isinstance(w, (SAM, DifferentiallyPrivate)) for w in wrappers(optimizer))
+
+
 class ShardedTrainStep(TrainStep):
     """What :func:`make_sharded_train_step` returns (see the module docs): the fused JAX
     train step of :class:`~mithril.utils.training.TrainStep` on a device mesh."""
@@ -189,6 +197,12 @@ class ShardedTrainStep(TrainStep):
         self._tx = None
         self._slots_of: Any = None  # the transformation _slot_cache was made for
         self._slot_cache: dict[str, dict[str, tuple[int, ...]]] = {}
+        if not self._fused and _second_gradients(optimizer):  # (the plain step: separately)
+            raise TypeError(
+                f"make_sharded_train_step: {type(optimizer).__name__}'s step cannot be one "
+                f"program here (a SAM on a model with Dropout / BatchNorm or around a "
+                f"loss-aware base, a DP-SGD under another wrapper): use make_train_step "
+                f"with optimizer.init's state, or mithril.distributed.DataParallel")
         self._transformation()  # refuses what cannot be one program (LBFGS, 'raise') now
         self._made = True
 
@@ -328,12 +342,13 @@ class ShardedTrainStep(TrainStep):
         rep = self._rep
         pack, unpack, shardings = self._pack, self._unpack, self.state_shardings
         unreached = self._unreached
+        sam, private = self._program_gradients()  # (SAM's, DP-SGD's: as the plain step's)
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
                     lr: Any, hyper: Any, training: bool) -> tuple:
             new, new_state, out, new_mstate, grads = step_body(
                 ev, tx, loss, with_ctx, ptuple, unpack(opt_state), inputs, rng, mstate, training,
-                lr, hyper, unreached)
+                lr, hyper, unreached, sam, private)
             new_state = pack(new_state)
             con = jax.lax.with_sharding_constraint
             new = con(new, jax.tree.map(lambda _: rep, new))

@@ -477,9 +477,7 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
         configure_jax()  # the step's program compiles once per machine (JAX's disk cache)
         c, tx, loss = self.compiled, self._transformation(), self.loss
         ev = c._eval
-        sam = self.optimizer if self._sam else None
-        # (DP-SGD: its per-example gradients and their aggregation, train_step_private)
-        private = (self.optimizer, frozenset(c._consts)) if self._per_example else None
+        sam, private = self._program_gradients()
         with_ctx = c.program.has_context
 
         def program(ptuple: tuple, opt_state: Any, inputs: dict, rng: Any, mstate: dict,
@@ -491,6 +489,14 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
                 gradients_norm(list(grads)) if self.grad_norm else None)
 
         return jax.jit(program, donate_argnums=(0, 1), static_argnames=("training",))
+
+    def _program_gradients(self) -> tuple[Any, tuple | None]:
+        """``step_body``'s ``sam`` and ``private``: what the program takes other gradients
+        with than the batch's (SAM's at its perturbed point: train_step_sam; DP-SGD's
+        per-example ones and their aggregation: train_step_private), else None."""
+        private = (self.optimizer, frozenset(self.compiled._consts)) if self._per_example \
+            else None
+        return (self.optimizer if self._sam else None), private
 
     def _steady_args(self, params: Any, opt_state: Any, data: Any) -> tuple | None:
         """``(params tuple, inputs)`` for the program when only the data's values changed
