@@ -17,8 +17,23 @@ from .tensorwise import NumpyOps, TensorwiseOptimizer
 #: G of a 2-D tensor without ``weight_dimension_numbers``: the tensor itself
 _PLAIN_2D = _dn.Axes((), (0,), (1,))
 #: a saved projector's columns are orthonormal to float32 rounding (the SVD runs in
-#: float32): one further off than this is refused on loading
+#: float32): one further off than this is refused on loading (a projector held in
+#: float16 / bfloat16, its parameter's dtype, is as far off as that dtype's rounding:
+#: up to its machine epsilon, and 4 of them are allowed: :func:`_orthonormal_tol`)
 ORTHONORMAL_TOL = 1e-3
+
+
+def _orthonormal_tol(dtype_name: str) -> float:
+    """How far a saved projector of a parameter of ``dtype_name`` may be from orthonormal
+    columns: its columns, unit vectors rounded elementwise to the dtype (relative error at
+    most eps/2 each), have inner products off by at most eps."""
+    import ml_dtypes
+
+    try:
+        eps = float(ml_dtypes.finfo(dtype_name).eps)
+    except (TypeError, ValueError):  # (not a float dtype's name: float32's)
+        eps = 0.0
+    return max(ORTHONORMAL_TOL, 4 * eps)
 
 
 def _svd_float32(xp: NumpyOps, g: Any) -> tuple[Any, Any]:
@@ -230,7 +245,8 @@ class GaLore(TensorwiseOptimizer):
                       started: tuple[str, ...] = ()) -> OptimizerState:
         """As the base class's, and each saved projector one a step could give: zeros
         before the first step (or before its tensor's first gradient), else orthonormal
-        columns (to :data:`ORTHONORMAL_TOL`; NaN passes, a diverged run's)."""
+        columns (to :data:`ORTHONORMAL_TOL`, or the rounding of a half-precision
+        parameter's dtype, which the projector is held in; NaN passes, a diverged run's)."""
         state = TensorwiseOptimizer._loaded_state(trial, d, params, started)
         saved = state.slot_layout("projector").unflatten(state.slots["projector"])
         for name, P in saved.items():
@@ -241,7 +257,7 @@ class GaLore(TensorwiseOptimizer):
             if state.step == 0:
                 raise ValueError(f"{where} must be zeros at step 0 (no SVD has run)")
             off = float(np.abs(a.T @ a - np.eye(a.shape[1])).max())
-            if off > ORTHONORMAL_TOL:
+            if off > _orthonormal_tol(str(params[name].dtype).removeprefix("torch.")):
                 raise ValueError(f"{where} must have orthonormal columns (an SVD's), off by "
                                  f"{off:.3g}")
         return state
