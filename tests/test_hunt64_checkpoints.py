@@ -53,3 +53,36 @@ def test_galore_bfloat16_state_resumes_from_its_checkpoint(tmp_path) -> None:
     fresh = make()
     with pytest.raises(ValueError, match="'projector' of 'w' must have orthonormal columns"):
         fresh.load_state_dict(sd, template)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: mo.Mechanize(mo.Adam(0.05, ema_decay=0.9,
+                                 param_groups=[{"params": ["b"], "learning_rate": 0.01}])),
+    lambda: mo.ScheduleFree(mo.SGD(0.05, momentum=0.9)),
+], ids=["Mechanize", "ScheduleFree"])
+def test_load_sharded_of_a_wrapper_resumes(tmp_path, make) -> None:
+    """load_sharded of a Mechanize or ScheduleFree run (DataParallel's replicated mode takes
+    them) raised AttributeError: "'Mechanize' object has no attribute '_strict'" (the
+    groups are the base optimizer's; only a Lookahead's inner was looked through)."""
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+
+    rng = np.random.default_rng(3)
+    p0 = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    grads = [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(6)]
+
+    def run(dp, params, state, steps):
+        for t in steps:
+            params, state = dp.update(params, {k: g.copy() for k, g in grads[t].items()}, state)
+        return params, state
+
+    dp = DataParallel(make())
+    params, state = run(dp, dict(p0), dp.init(dict(p0)), range(3))
+    save_sharded(tmp_path, params, dp, state)
+    want, _ = run(dp, {k: v.copy() for k, v in params.items()}, state, range(3, 6))
+
+    again = DataParallel(make())
+    loaded, st = load_sharded(tmp_path, again)
+    assert st.local.step == 3
+    got, _ = run(again, loaded, st, range(3, 6))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)

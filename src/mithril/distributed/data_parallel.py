@@ -59,9 +59,10 @@ from .sharding import ChunkLayout, assign
 
 def _holder(opt: Any) -> Any:
     """The optimizer holding the groups, ``_strict`` and ``clip_norm`` that ``opt`` runs
-    with: a Lookahead's are its inner optimizer's (read-only on the Lookahead itself)."""
-    inner = opt.__dict__.get("inner")
-    return inner if isinstance(inner, Optimizer) else opt
+    with: a Lookahead's are its inner optimizer's (read-only on the Lookahead itself), a
+    Mechanize's or ScheduleFree's its base optimizer's (the last of ``hyper_holders``)."""
+    holders = opt.hyper_holders() if isinstance(opt, Optimizer) else (opt,)
+    return holders[-1]
 
 
 def _loss_kw(loss: float | None) -> dict[str, float]:
