@@ -86,3 +86,35 @@ def test_load_sharded_of_a_wrapper_resumes(tmp_path, make) -> None:
     got, _ = run(again, loaded, st, range(3, 6))
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_load_sharded_restores_a_wrappers_saved_averaging(tmp_path, shard) -> None:
+    """A checkpoint's EMA / SWA settings are restored, as Optimizer.load_state_dict does;
+    for a Lookahead they were set on the Lookahead's own __dict__, not on its inner
+    optimizer, which keeps and applies them: the resumed EMA ran with the loading
+    optimizer's decay (0.5) instead of the saved 0.9."""
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+
+    rng = np.random.default_rng(4)
+    p0 = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    grads = [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(8)]
+
+    def run(dp, params, state, steps):
+        for t in steps:
+            params, state = dp.update(params, {k: g.copy() for k, g in grads[t].items()}, state)
+        return params, state
+
+    dp = DataParallel(mo.Lookahead(mo.Adam(0.05, ema_decay=0.9, swa_start=2)),
+                      shard_state=shard)
+    params, state = run(dp, dict(p0), dp.init(dict(p0)), range(4))
+    save_sharded(tmp_path, params, dp, state)
+    _, want = run(dp, {k: v.copy() for k, v in params.items()}, state, range(4, 8))
+
+    again = DataParallel(mo.Lookahead(mo.Adam(0.05, ema_decay=0.5, swa_start=5)),
+                         shard_state=shard)
+    loaded, st = load_sharded(tmp_path, again)
+    assert (again.optimizer.inner.ema_decay, again.optimizer.inner.swa_start) == (0.9, 2)
+    _, got = run(again, loaded, st, range(4, 8))
+    for s in ("ema", "swa"):
+        np.testing.assert_array_equal(got.local.slots[s], want.local.slots[s], err_msg=s)

@@ -38,7 +38,7 @@ from ..utils.checkpoint_format import FORMAT as CHECKPOINT_FORMAT
 from ..utils.checkpoint_io import _fsync_folder, loads_guarded, read_file, write_file
 from ..utils.optimizers.averaging import counts_of, merged_counts, saved_counts
 from . import process_group as pg
-from .data_parallel import DataParallel, DistributedState, _dtype_name, _local_init
+from .data_parallel import DataParallel, DistributedState, _dtype_name, _holder, _local_init
 from .sharding import assign
 
 #: the format tag of every shard's metadata
@@ -306,7 +306,6 @@ def _held_missed(opt: Any, folder: str, metas: list[dict[str, Any]], held: Any
     checks them: known names, ints >= 0, no more than the saved steps since the tensor's
     group joined (its ``step_offset``, resolved over all the parameters as the step does)."""
     from ..utils.optimizers.groups import resolve
-    from .data_parallel import _holder
 
     first = metas[0]
     merged: dict[str, Any] = {}
@@ -347,9 +346,9 @@ def _held_slots(dp: DataParallel, folder: str, metas: list[dict[str, Any]],
         a, b = assign([int(np.prod(s, dtype=np.int64)) for s in shapes], pg.world_size())[
             pg.rank()]
         names = names[a:b]
-    opt = copy.copy(dp.optimizer)
-    started, settings = _averaging_settings(opt, first)
-    opt.__dict__.update(settings)
+    opt = copy.copy(dp.optimizer)  # (a wrapper's copy copies its inner / base optimizer)
+    started, settings = _averaging_settings(_holder(opt), first)
+    _holder(opt).__dict__.update(settings)
     trial = _local_init(opt, {n: params[n] for n in names})
     missed = _held_missed(opt, folder, metas, names)
     if sorted(set(trial.slots) - set(started)) != first["slots"]:
@@ -422,7 +421,8 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
     except (TypeError, ValueError, KeyError, OSError, NotImplementedError) as e:
         error = e
     pg.agree("load_sharded", error)
-    dp.optimizer.__dict__.update(settings)  # (checked on the copy above)
+    # (checked on the copy above; a wrapper's averages are its inner / base optimizer's)
+    _holder(dp.optimizer).__dict__.update(settings)
     state = dp.init(params)
     local = state.local
     for s, per in slots.items():
