@@ -118,3 +118,21 @@ def test_load_sharded_restores_a_wrappers_saved_averaging(tmp_path, shard) -> No
     _, got = run(again, loaded, st, range(4, 8))
     for s in ("ema", "swa"):
         np.testing.assert_array_equal(got.local.slots[s], want.local.slots[s], err_msg=s)
+
+
+def test_refused_load_sharded_leaves_the_averaging_settings(tmp_path) -> None:
+    """load_sharded set the checkpoint's EMA decay on the optimizer before DataParallel.init
+    refused it (clip_norm with clip_tensor_norm, sharded): the call raised, "nothing
+    changed", yet ema_decay had become the checkpoint's 0.9."""
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+
+    p = {"w": np.ones((4, 3)), "b": np.ones(3)}
+    dp = DataParallel(mo.Adam(0.1, ema_decay=0.9), shard_state=True)
+    st = dp.init(p)
+    p, st = dp.update(p, {k: np.full_like(v, 0.5) for k, v in p.items()}, st)
+    save_sharded(tmp_path, p, dp, st)
+
+    opt = mo.Adam(0.1, ema_decay=0.5, clip_norm=1.0, clip_tensor_norm=1.0)
+    with pytest.raises(NotImplementedError, match="clip_tensor_norm"):
+        load_sharded(tmp_path, DataParallel(opt, shard_state=True))
+    assert opt.ema_decay == 0.5

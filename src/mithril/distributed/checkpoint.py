@@ -422,8 +422,15 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
         error = e
     pg.agree("load_sharded", error)
     # (checked on the copy above; a wrapper's averages are its inner / base optimizer's)
-    _holder(dp.optimizer).__dict__.update(settings)
-    state = dp.init(params)
+    holder = _holder(dp.optimizer)
+    before = dict(vars(holder))
+    holder.__dict__.update(settings)
+    try:  # (dp.init refuses what the sharded step cannot run: then nothing has changed)
+        state = dp.init(params)
+    except BaseException:
+        vars(holder).clear()
+        vars(holder).update(before)
+        raise
     local = state.local
     for s, per in slots.items():
         views = local.slot(s)
