@@ -135,6 +135,8 @@ class EmbeddingBag(Operator):
         return flat, member
 
     def _max(self, xp: Any, rows: Any, member: Any) -> tuple[Any, Any, Any]:
+        if not rows.shape[0]:  # no entries at all (argmax of nothing): every bag empty, zeros
+            return xp.zeros((member.shape[0], rows.shape[1]), dtype=rows.dtype), None, None
         w = xp.where(member[:, :, None], rows[None], -np.inf)  # (B, M, D)
         arg = xp.argmax(w, axis=1)  # the first maximum
         val = xp.take_along_axis(w, arg[:, None], axis=1)[:, 0]
@@ -171,7 +173,8 @@ class EmbeddingBag(Operator):
         if self.mode == "max":
             _, arg, some = self._max(np, rows, member)
             grows = np.zeros_like(rows)
-            np.add.at(grows, (arg, np.arange(w.shape[1])[None, :]), np.where(some, g, 0.0))
+            if arg is not None:
+                np.add.at(grows, (arg, np.arange(w.shape[1])[None, :]), np.where(some, g, 0.0))
         else:
             if self.mode == "mean":
                 g = g / np.maximum(member.sum(axis=1), 1)[:, None]
