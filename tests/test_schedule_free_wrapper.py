@@ -373,8 +373,11 @@ def test_make_train_step_is_evaluate_and_update(backend):
     s2 = step.init(p2)
     for batch in data:
         p2, s2, _ = step(p2, s2, batch)
-    if backend[0] == "jax":  # (no one program holds its update: the separate calls)
-        assert not step.fused
+    # (JAX: one program, mithril.interop.optax_outer, its scalars in float32; NumPy and
+    # torch: bit for bit)
+    assert step.fused == (backend[0] == "jax")
+    tol = 2e-6 if step.fused else 0.0
     for k in params:
-        np.testing.assert_array_equal(np.asarray(be2.to_numpy(p2[k])),
-                                      np.asarray(be.to_numpy(params[k])), err_msg=k)
+        np.testing.assert_allclose(np.asarray(be2.to_numpy(p2[k])),
+                                   np.asarray(be.to_numpy(params[k])), rtol=tol, atol=tol,
+                                   err_msg=k)

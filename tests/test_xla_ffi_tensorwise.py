@@ -37,13 +37,21 @@ def _run(opt: Any, fused: bool, grads: list[dict[str, Any]]) -> tuple:
     return updates(opt, fused, _arrays(0), grads)
 
 
+def _atol(want: Any) -> float:
+    """float32 rounding at the tensor's scale: an element near 0 of a tensor whose others
+    are ~4 carries their rounding (~64 ulps of -0.016 in SM3's momentum on an Intel Xeon,
+    where XLA fuses the traced update otherwise than on AMD)."""
+    return 1e-7 * max(1.0, float(np.max(np.abs(np.asarray(want)), initial=0.0)))
+
+
 def _same(got: dict, gstate: Any, want: dict, wstate: Any, rtol: float = 1e-6) -> None:
     for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=_atol(want[k]), err_msg=k)
     for s in wstate.slots:
         for k in want:
-            np.testing.assert_allclose(gstate.slots[s][k], wstate.slots[s][k], rtol=rtol,
-                                       atol=1e-7, err_msg=f"{s}/{k}")
+            w = wstate.slots[s][k]
+            np.testing.assert_allclose(gstate.slots[s][k], w, rtol=rtol, atol=_atol(w),
+                                       err_msg=f"{s}/{k}")
 
 
 def _bias(n: str) -> bool:
