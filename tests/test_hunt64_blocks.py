@@ -39,3 +39,31 @@ def test_embedding_bag_max_of_no_entries_is_zeros(name, offsets, last):
     assert np.asarray(out["output"]).shape == tuple(want.shape)
     np.testing.assert_array_equal(np.asarray(out["output"]), want.detach().numpy())
     np.testing.assert_array_equal(np.asarray(grads[key]), np.zeros_like(w))
+
+
+MARGIN_LOSSES = {
+    "multi_margin": (lambda: ml.MultiMarginLoss(), np.zeros(0, dtype=np.int64)),
+    "multilabel_margin": (lambda: ml.MultiLabelMarginLoss(), np.zeros((0, 3), dtype=np.int64)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+@pytest.mark.parametrize("loss", sorted(MARGIN_LOSSES))
+def test_margin_loss_mean_of_no_rows_is_nan(name, loss):
+    """The "mean" of an empty batch is NaN on every backend, as F.nll_loss / F.l1_loss /
+    F.multilabel_soft_margin_loss give (torch's multi_margin_loss and multilabel_margin_loss
+    kernels leave that mean unset: the torch backend returned uninitialised memory)."""
+    make, target = MARGIN_LOSSES[loss]
+    backend = BACKENDS[name]()
+    model = ml.Model()
+    model |= make()(input="x", target="t", output=ml.IOKey("output"))
+    compiled = ml.compile(model, backend, shapes={"x": [0, 3]}, trainable_keys={"x"})
+    for _ in range(3):  # (uninitialised memory: any value, some calls)
+        out, grads = compiled.evaluate({"x": backend.array(np.zeros((0, 3)))}, {"t": target},
+                                       output_gradients={"output": 1.0})
+        assert np.isnan(float(np.asarray(out["output"])))
+        assert np.asarray(grads["x"]).shape == (0, 3)
+    x = torch.zeros(0, 3, dtype=torch.float64)
+    assert np.isnan(F.multilabel_soft_margin_loss(x, x).item())  # torch's mean of no rows

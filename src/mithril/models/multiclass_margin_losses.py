@@ -34,6 +34,13 @@ def class_weights(who: str, weight: Any) -> np.ndarray | None:
     return w.astype(np.float64)
 
 
+def _torch_reduction(input: Any, reduction: str) -> str:
+    """The reduction to hand torch's margin kernel: "none" for the mean of no rows (the kernel
+    leaves that mean unset, uninitialised memory; its ``.mean()`` is NaN, as NumPy, JAX and
+    torch's other losses give)."""
+    return "none" if reduction == "mean" and not input.numel() else reduction
+
+
 def _weight_like(xp: Any, w: np.ndarray, like: Any) -> Any:
     """``w`` in ``like``'s backend and dtype."""
     if backend_of(xp) == "torch":
@@ -131,8 +138,10 @@ class MultiMarginLoss(_ClassIndexLoss):
         F = functional_of(xp)
         w = None if self.weight is None else _weight_like(xp, self.weight, input)
         if F is not None:
-            return F.multi_margin_loss(input, target.long(), p=self.p, margin=self.margin,
-                                       weight=w, reduction=self.reduction)
+            red = _torch_reduction(input, self.reduction)
+            y = F.multi_margin_loss(input, target.long(), p=self.p, margin=self.margin,
+                                    weight=w, reduction=red)
+            return y if red == self.reduction else y.mean()
         z, other = self._terms(xp, input, target)
         h = xp.where(other & (z > 0), z, 0.0)
         h = h * h if self.p == 2 else h
@@ -199,7 +208,9 @@ class MultiLabelMarginLoss(_ClassIndexLoss):
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
-            return F.multilabel_margin_loss(input, target.long(), reduction=self.reduction)
+            red = _torch_reduction(input, self.reduction)
+            y = F.multilabel_margin_loss(input, target.long(), reduction=red)
+            return y if red == self.reduction else y.mean()
         z, act, _ = self._parts(xp, input, target)
         loss = xp.sum(xp.where(act, z, 0.0), axis=(-2, -1)) / input.shape[-1]
         return reduce(xp, loss, self.reduction)
