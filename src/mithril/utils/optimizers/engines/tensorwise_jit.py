@@ -337,9 +337,12 @@ def _program(opt: Any, state: OptimizerState, protos: list[Any], spec: list[tupl
                 nt = len(row_traced(row, r))
                 it = iter(table[at + nt:at + nt + sum(k is None for k in kinds)])
                 scal = tuple(_weak(next(it)) if k is None else k[0] for k in kinds)
-                new_p[name], out = row_update(
+                new, out = row_update(
                     traceable_update(type(row).tensor_update), row, xp, p, g, mine, scal,
                     name, on(row, r, "clip_value"), on(row, r, "weight_decay"))
+                # (in p's dtype: a traced norm is float32 where NumPy's is a Python float,
+                # so Adafactor's bfloat16 params came back float32)
+                new_p[name] = new.astype(p.dtype)
                 for s, v in out.items():
                     new_s[s][name] = v
                 vals += [("p", name), *((s, name) for s in out)]
