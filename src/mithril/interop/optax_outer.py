@@ -167,7 +167,7 @@ def _private(opt: DifferentiallyPrivate) -> Callable:
 
 
 def outer_transformation(opt: Any, inner: Any) -> Any:
-    """``opt`` (a Mechanize or ScheduleFree: :func:`is_outer`) as an optax transformation
+    """``opt`` (a Mechanize, ScheduleFree or DP-SGD: :func:`is_outer`) as an optax transformation
     around ``inner``, its base optimizer's (built with ``learning_rate=None``: the state's),
     whose ``update`` takes what the base's takes (``new_params=``, ``missed=``,
     ``average_only=``, ``value=``, ``hyper=``) and passes it on (module docs)."""
