@@ -35,7 +35,7 @@ from ..utils.checkpoint_format import (
     to_numpy,
 )
 from ..utils.checkpoint_format import FORMAT as CHECKPOINT_FORMAT
-from ..utils.checkpoint_io import _fsync_folder, loads_guarded, read_file, write_file
+from ..utils.checkpoint_io import MAX_INT, _fsync_folder, loads_guarded, read_file, write_file
 from ..utils.optimizers.averaging import counts_of, merged_counts, saved_counts
 from . import process_group as pg
 from .data_parallel import DataParallel, DistributedState, _dtype_name, _holder, _local_init
@@ -46,6 +46,8 @@ FORMAT = "mithril-sharded-1"
 #: the fields every shard's metadata holds (later ones are optional: older shards lack them)
 _FIELDS = ("world", "rank", "optimizer", "names", "shapes", "slots", "step", "num_skipped",
            "num_nonfinite", "values")
+#: the counters every shard's metadata holds, each an int in [0, MAX_INT]
+_COUNTERS = ("step", "num_skipped", "num_nonfinite", "consecutive_skips")
 _NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors$")
 #: a shard written but not yet committed (renamed to its final name), or the shard a
 #: commit replaces, kept until every rank has committed
@@ -275,6 +277,11 @@ def _read_all(folder: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]
             raise CheckpointError(f"checkpoint {files[r]!r} is not a shard of save_sharded "
                                   f"(format {str(fmt)[:40]!r}, {FORMAT!r} expected, with the "
                                   f"fields {list(_FIELDS)}){hint}")
+        for key in _COUNTERS:  # (before any is used: int() took 1.5, -1, 1e300)
+            v = meta.get(key, 0)  # (consecutive_skips: absent before it was kept)
+            if type(v) is not int or not 0 <= v <= MAX_INT:
+                raise CheckpointError(f"checkpoint {files[r]!r}: '{key}' must be an int >= 0 "
+                                      f"(at most 2**63 - 1), got {v!r:.80}")
         metas.append(meta)
         arrays.update(tensors)
     first = metas[0]
@@ -407,10 +414,7 @@ def load_sharded(folder: str | os.PathLike, dp: DataParallel, backend: str = "nu
                                       f"shape {tuple(shape)} recorded")
             params[n] = _native(src, backend, dtype)
         slots, settings, missed = _held_slots(dp, folder, metas, arrays, params)
-        run = first.get("consecutive_skips", 0)  # (0: saved before it was kept)
-        if isinstance(run, bool) or not isinstance(run, int) or run < 0:
-            raise CheckpointError(f"{folder!r}: 'consecutive_skips' must be an int >= 0, got "
-                                  f"{run!r:.80}")
+        run = first.get("consecutive_skips", 0)  # (0: saved before it was kept; checked)
         parts = [m.get("averaged") for m in metas]  # (checked before anything changes)
         merged_counts(dp.optimizer, parts, list(first["names"]), step=int(first["step"]))
         try:  # (numbers, or "nan" / "inf" / "-inf": a run gone NaN)

@@ -46,7 +46,7 @@ from .gradient_accumulator import _is_half_dtype, _kind
 from .optimizers.checks import check_int, describe
 from .optimizers.serialization import _numeric, _torch_tensor
 
-__all__ = ["check_window", "load_state_dict", "state_dict"]
+__all__ = ["check_window", "load_state_dict", "refuse_overflow", "state_dict"]
 
 _TOP = ("optimizer", "k", "inner")
 _WINDOW = ("windows", "count", "total_weight", "sums", "applied", "last_step_skipped")
@@ -119,6 +119,18 @@ def _flag(d: Mapping[str, Any], key: str) -> bool:
     return bool(v)
 
 
+def refuse_overflow(a: np.ndarray, dtype: np.dtype, where: str, error: type) -> None:
+    """``error`` naming ``where`` if a finite value of the saved sum ``a`` is beyond the
+    range of the buffer's ``dtype`` (a float64 sum into a float32 buffer): cast, it became
+    inf silently. Refused as the optimizers' slots are."""
+    if a.dtype != dtype:
+        with np.errstate(over="ignore", invalid="ignore"):
+            lost = np.isfinite(a) & ~np.isfinite(a.astype(dtype))
+        if lost.any():
+            raise error(f"{where} holds {float(a[lost].flat[0])!r}, beyond the range of the "
+                        f"buffer's {dtype}")
+
+
 def _buffer(name: str, saved: Any, p: Any) -> Any:
     """The saved sum of ``name`` as a buffer for gradients like parameter ``p``."""
     a = _numeric(saved, f"state dict 'sums' of '{name}'")  # (NumPy, or a torch tensor)
@@ -131,6 +143,7 @@ def _buffer(name: str, saved: Any, p: Any) -> Any:
         raise TypeError(f"params['{name}'] must be a floating-point NumPy, torch or JAX "
                         f"array, got {type(p).__name__} of dtype {getattr(p, 'dtype', None)}")
     np_dt = np.dtype("float32" if _is_half_dtype(dt) else dt)
+    refuse_overflow(a, np_dt, f"state dict 'sums' of '{name}'", ValueError)
     if kind == "torch":
         import torch
 

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,11 +64,13 @@ from .checkpoint_format import (
     check_float_array,
     check_mapping,
     check_meta,
+    check_name,
     check_tensors,
     decode_metrics,
     encode_metrics,
     json_field,
     numpy_scalar,
+    saved_hyperparameters,
     to_numpy,
     trial_scheduler,
 )
@@ -103,9 +104,18 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     Parameters must be float16/bfloat16/float32/float64 arrays, model state arrays
     those or int32/int64. Everything is checked before anything is written.
     """
+    path = os.fspath(path)
+    write_file(path, *_encoded(path, params, optimizer, state, scheduler, extra,
+                               model_state=model_state, metrics=metrics))
+
+
+def _encoded(path: str, params: Mapping[str, Any], optimizer: Any, state: Any,
+             scheduler: Any, extra: Any, *, model_state: Mapping[str, Any] | None,
+             metrics: Mapping[str, Any] | None) -> tuple[str, dict[str, np.ndarray]]:
+    """The metadata JSON and the tensors :func:`save_checkpoint` writes, everything checked
+    (what :meth:`CheckpointManager.save` checks of a step it does not keep)."""
     from .optimizers import OptimizerState
 
-    path = os.fspath(path)
     check_mapping("params", params)
     tensors: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {"format": FORMAT, "params": {}, "optimizer": None,
@@ -113,6 +123,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     for name, p in params.items():
         if not isinstance(name, str):
             raise TypeError(f"parameter names must be str, got {name!r}")
+        check_name("parameter", name)
         dt = check_float_array(f"params['{name}']", p)
         arr = to_numpy(p)
         tensors[f"params/{name}"] = arr
@@ -121,6 +132,8 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
         check_mapping("model_state", model_state)
         meta["model_state"] = {}
         for name, x in model_state.items():
+            if isinstance(name, str):  # (else refused by check_array)
+                check_name("model state", name)
             dt = check_array(f"model_state['{name}']", x, name, STATE_DTYPES)
             tensors[f"model/{name}"] = arr = to_numpy(x)
             meta["model_state"][name] = {"dtype": dt, "shape": list(arr.shape)}
@@ -135,7 +148,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
         tensors.update(acc_tensors)
     if optimizer is not None:
         opt_meta: dict[str, Any] = {"class": type(optimizer).__name__,
-                                    "hyperparameters": _hyperparameters(optimizer, state),
+                                    "hyperparameters": saved_hyperparameters(optimizer, state),
                                     "step": None, "num_skipped": None, "num_nonfinite": None,
                                     "slots": []}
         if state is not None:
@@ -210,26 +223,7 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{where}: {type(optimizer).__name__}'s hyperparameters would "
                              f"not load back: {e}") from None
-    write_file(path, header, tensors)
-
-
-def _hyperparameters(optimizer: Any, state: Any) -> dict[str, Any]:
-    """``optimizer.hyperparameters()``, a callable group, mask or exclusion saved as the names
-    it matches in ``state``'s parameters. ``update`` records those; the one-program JAX step
-    matches them on its own copy of the optimizer, so a checkpoint of its state would hold the
-    function. Matched on a copy: the optimizer is left as it is."""
-    from .optimizers import OptimizerState
-    from .optimizers.groups import resolve
-
-    hyper = optimizer.hyperparameters()
-    if json_field(hyper) or not isinstance(state, OptimizerState) or \
-            not hasattr(optimizer, "param_groups"):
-        return hyper
-    named = copy.copy(optimizer)
-    with warnings.catch_warnings():  # (a group matching nothing warned when the step began)
-        warnings.simplefilter("ignore")
-        resolve(named, state.layout.name_list)
-    return named.hyperparameters()
+    return header, tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +396,9 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
             except (ValueError, TypeError, KeyError) as e:
                 raise _refused(where, "scheduler.state", type(scheduler).__name__, e) from e
 
+    if acc is not None and state is not None:  # (a sum beyond its buffer's range: refused)
+        accumulate.check_range(meta, arrays, backend, params, where)
+
     # apply: optimizer, then scheduler (which sets the learning rate); undo all on failure
     old = dict(vars(optimizer)) if optimizer is not None else None
     try:
@@ -448,7 +445,7 @@ class CheckpointManager:
     one must be strictly better in Keras and Lightning; a NaN metric, or a file saved without
     it, is never among the best: Keras' ``np.less(nan, best)`` is False), and with ``keep_latest`` also the latest step, whatever its metric (Lightning's
     ``save_last``: what a resume after preemption needs). A save that would not be kept is
-    not written (:meth:`save` returns ``None``): with ``max_to_keep=1`` and no
+    not written (:meth:`save` checks it and returns ``None``): with ``max_to_keep=1`` and no
     ``keep_latest`` a step is written only when its metric is strictly better than the kept
     one's, as ``save_best_only``. Files that leave the set are removed after the new file is
     in place, so a save killed at any point leaves at least the files there were before; the
@@ -551,8 +548,9 @@ class CheckpointManager:
              metrics: Mapping[str, Any] | None = None) -> str | None:
         """:func:`save_checkpoint` of ``step`` (an int after every step kept) into the folder,
         then the rotation (see the class); returns the file written, or ``None`` where the
-        rotation would not keep it. Everything is checked first: a save that raises writes
-        and removes nothing."""
+        rotation would not keep it (checked all the same: what save_checkpoint refuses
+        raises on any step). Everything is checked first: a save that raises writes and
+        removes nothing."""
         if type(step) is not int and not isinstance(step, np.integer):
             raise TypeError(f"CheckpointManager.save: step must be an int, got {step!r}")
         step = int(step)
@@ -569,7 +567,9 @@ class CheckpointManager:
                                    f"{None if got is None else sorted(got)}")
         entries = {**self._metrics, step: got}
         keep = self._kept(entries)
-        if step not in keep:
+        if step not in keep:  # (checked all the same: bad input raises on every step)
+            _encoded(self.path(step), params, optimizer, state, scheduler, extra,
+                     model_state=model_state, metrics=metrics)
             return None
         made = _missing_folders(self.folder)
         os.makedirs(self.folder, exist_ok=True)

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .accumulate_state_dict import check_window
+from ..errors import CheckpointError
+from .accumulate_state_dict import check_window, refuse_overflow
 from .accumulation import Accumulate, AccumulateState
 
 FIELD = "accumulate"
@@ -111,6 +112,18 @@ def refuse_plain(meta: Mapping[str, Any], optimizer: Any, where: str) -> None:
         raise ValueError(f"{where} holds {m['count']} buffered micro-batch(es) of an "
                          f"Accumulate(k={m['k']}): load it with optimizer=Accumulate(...) "
                          f"(into {type(optimizer).__name__} they would be lost)")
+
+
+def check_range(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], backend: Any,
+                params: Mapping[str, Any], where: str) -> None:
+    """``CheckpointError`` naming the tensor if a buffered sum holds a finite value beyond
+    the range of the buffer :func:`restore` makes for it (float64 saved, float32 loaded)."""
+    m = meta.get(FIELD)
+    for n in (m["grads"] if m is not None and m["count"] else ()):
+        dt = backend.dtype_name(params[n])
+        dtype = np.dtype("float32" if dt in ("float16", "bfloat16") else dt)
+        refuse_overflow(arrays[PREFIX + n], dtype, f"{where}: tensor '{PREFIX}{n}'",
+                        CheckpointError)
 
 
 def restore(acc: Accumulate, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,6 +96,25 @@ def json_field(value: Any) -> bool:
         return False
 
 
+def saved_hyperparameters(optimizer: Any, state: Any) -> dict[str, Any]:
+    """``optimizer.hyperparameters()``, a callable group, mask or exclusion saved as the names
+    it matches in ``state``'s parameters. ``update`` records those; the one-program JAX step
+    matches them on its own copy of the optimizer, so a checkpoint of its state would hold the
+    function. Matched on a copy: the optimizer is left as it is."""
+    from .optimizers import OptimizerState
+    from .optimizers.groups import resolve
+
+    hyper = optimizer.hyperparameters()
+    if json_field(hyper) or not isinstance(state, OptimizerState) or \
+            not hasattr(optimizer, "param_groups"):
+        return hyper
+    named = copy.copy(optimizer)
+    with warnings.catch_warnings():  # (a group matching nothing warned when the step began)
+        warnings.simplefilter("ignore")
+        resolve(named, state.layout.name_list)
+    return named.hyperparameters()
+
+
 def trial_scheduler(scheduler: Any, optimizer: Any, trial_opt: Any) -> Any:
     """A deep copy of ``scheduler`` driving a copy of its optimizer (``trial_opt`` if that is
     ``optimizer``), to try a state on; ``None`` if it cannot be copied."""
@@ -121,6 +141,17 @@ def check_float_array(what: str, x: Any) -> str:
     """The dtype name of array ``x``; ``TypeError``/``DTypeError`` naming ``what`` unless it
     is a float16/bfloat16/float32/float64 NumPy, torch or JAX array."""
     return check_array(what, x, "", FLOAT_DTYPES)
+
+
+def check_name(kind: str, name: str) -> None:
+    """``ValueError`` naming the ``kind`` ("parameter") name ``name`` unless it has a UTF-8
+    form, as safetensors stores tensor names (a lone surrogate such as ``"\\ud800"`` has none:
+    safetensors raised a bare ``UnicodeEncodeError`` that named nothing)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{kind} name {name!r} is not valid Unicode (a lone surrogate at "
+                         f"index {e.start}): a checkpoint stores names as UTF-8") from None
 
 
 def check_array(what: str, x: Any, name: str, dtypes: Mapping[str, str]) -> str:
