@@ -36,10 +36,13 @@ from ..utils.optimizers.differentially_private import COUNT, DifferentiallyPriva
 from ..utils.optimizers.mechanize import X0, Mechanize
 from ..utils.optimizers.schedule_free_wrapper import ScheduleFree
 
-__all__ = ["is_outer", "outer_base", "outer_transformation", "wrappers"]
+__all__ = ["check_own_state", "is_outer", "outer_base", "outer_transformation", "wrappers"]
 
 #: the wrappers the program runs, by class
 _OUTER = (Mechanize, ScheduleFree, DifferentiallyPrivate)
+#: the wrappers' own step counts: int32 in the state (a float32 count stops at 2**24, and
+#: DP-SGD's noise is drawn for its step: the same draw every step after)
+_COUNTS = ("mechanic_count", COUNT)
 
 
 def is_outer(opt: Any) -> bool:
@@ -72,6 +75,13 @@ def _split(state: Any, slots: tuple[str, ...], values: tuple[str, ...]) -> tuple
     return inner, {k: state.slots[k] for k in slots}, {k: state.values[k] for k in values}
 
 
+def _counted(count: Any) -> Any:
+    """``count + 1``, saturated at int32's largest (as the state's step count)."""
+    from .optax_scalars import _INT32_MAX
+
+    return count + (count < _INT32_MAX).astype(count.dtype)
+
+
 def _vdot(a: dict[str, Any], b: dict[str, Any]) -> Any:
     import jax.numpy as jnp
 
@@ -91,7 +101,7 @@ def _mechanize(opt: Mechanize) -> Callable:
 
     def step(params: dict, grads: dict, slots: dict, values: dict, lr: Any,
              inner: Callable) -> tuple[dict, dict, dict, Any]:
-        wide = values["mechanic_count"].dtype
+        wide = values["mechanic_r0"].dtype
         eps, wd = jnp.asarray(opt.eps, wide), jnp.asarray(opt.weight_decay, wide)
         betas = jnp.asarray(opt.betas, wide)
         vec = {v: jnp.stack([values[x] for x in ns]) for v, ns in names.items()}
@@ -113,7 +123,7 @@ def _mechanize(opt: Mechanize) -> Callable:
                if n in prev else new.get(n, p) for n, p in params.items()}
         own = {x: vec_new[i] for vec_new, v in ((r, "r"), (m, "m"), (v, "v"), (s, "s"))
                for i, x in enumerate(names[v])}
-        own["mechanic_count"] = values["mechanic_count"] + 1
+        own["mechanic_count"] = _counted(values["mechanic_count"])
         return out, {X0: x0}, own, (new, state, applied)
 
     return step
@@ -160,7 +170,7 @@ def _private(opt: DifferentiallyPrivate) -> Callable:
     def step(params: dict, grads: dict, slots: dict, values: dict, lr: Any,
              inner: Callable) -> tuple[dict, dict, dict, Any]:
         new, state, applied = inner()
-        return new, {}, {COUNT: values[COUNT] + 1}, (new, state, applied)
+        return new, {}, {COUNT: _counted(values[COUNT])}, (new, state, applied)
 
     step.counts_skipped = True  # type: ignore[attr-defined]
     return step
@@ -190,9 +200,10 @@ def outer_transformation(opt: Any, inner: Any) -> Any:
         copies = {s: jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params)
                   for s in own_slots}
         first = _first_values(opt)
+        own = {k: jnp.asarray(first[k], jnp.int32 if k in _COUNTS else _wide())
+               for k in own_values}
         return state._replace(slots={**state.slots, **copies},
-                              values={**state.values, **{k: jnp.asarray(first[k], _wide())
-                                                         for k in own_values}})
+                              values={**state.values, **own})
 
     def update(updates: Any, state: OptaxState, params: Any = None, *,
                new_params: bool = False, average_only: Any = (), **kw: Any
@@ -202,6 +213,7 @@ def outer_transformation(opt: Any, inner: Any) -> Any:
                             f"(an OptaxState), got {type(state).__name__}")
         if params is None:
             raise ValueError(f"{type(opt).__name__} as an optax transformation needs params")
+        check_own_state(opt, state, own_slots, own_values)  # (while tracing: nothing ran)
         base, slots, values = _split(state, own_slots, own_values)
         if average_only:  # (only the base's averages move: the wrapper's own stay)
             new, base = inner.update(updates, base, params, new_params=new_params,
@@ -234,6 +246,25 @@ def outer_transformation(opt: Any, inner: Any) -> Any:
         if hasattr(inner.update, attr):
             setattr(update, attr, getattr(inner.update, attr))
     return optax.GradientTransformation(init, update)
+
+
+def check_own_state(opt: Any, state: Any, slots: tuple[str, ...], values: tuple[str, ...]) -> None:
+    """Refuse a ``state`` without ``opt``'s own slots and values (another optimizer's, the
+    bare base's) or, a Mechanize's, with Mechanic's scalars for other betas (``betas``
+    changed since ``init``), as its ``update`` refuses them: a bare KeyError, or a step on
+    the betas it still holds, before."""
+    who = type(opt).__name__
+    if isinstance(opt, Mechanize):
+        have = {k for k in state.values if k.startswith("mechanic_")}
+        if X0 in state.slots and "mechanic_count" in have and have != set(values):
+            raise ValueError(f"state holds Mechanic's scalars for {(len(have) - 1) // 4} "
+                             f"betas, this Mechanize has {len(opt.betas)} (betas changed "
+                             f"since init?)")
+    lacks = [k for k in slots if k not in state.slots] + [
+        k for k in values if k not in state.values]
+    if lacks:
+        raise ValueError(f"{who}: the state lacks its {lacks} (slots {sorted(state.slots)}, "
+                         f"values {sorted(state.values)}): a state of another optimizer?")
 
 
 def _first_values(opt: Any) -> dict[str, float]:

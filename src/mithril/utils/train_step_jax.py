@@ -246,6 +246,7 @@ def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: 
 
     from ..interop.optax_scalars import _INT32_MAX
     from .optimizers.averaging import EMA, SWA
+    from .optimizers.mechanize import X0
 
     sub = opt_state._replace(slots=part(opt_state.slots, on),
                              tensor_slots=part(opt_state.tensor_slots, on))
@@ -257,6 +258,10 @@ def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: 
                          new_params=True, **kw)
     slots = {s: {**per, **sub.slots[s]} for s, per in opt_state.slots.items()}
     off = [n for n in names if n in unreached]
+    if off and X0 in slots:  # (Mechanic's x0: every parameter's value at its first step)
+        count = "mechanic_count"  # (moved from 0: this step was its first, applied)
+        first = (opt_state.values[count] == 0) & (sub.values[count] != 0)
+        slots[X0].update({n: jnp.where(first, params[n], slots[X0][n]) for n in off})
     if off and {EMA, SWA} & set(opt_state.slots):  # (their averages take the step too)
         kw = {k: v for k, v in kw.items() if k not in ("missed", "host_kernel")}
         _, rest = tx.update(params, opt_state, params, new_params=True,
@@ -303,9 +308,11 @@ def step_body(ev: Any, tx: Any, loss: str, with_ctx: bool, ptuple: tuple, opt_st
 
     cots = {loss: jnp.ones((), ptuple[0].dtype if ptuple else jnp.float32)}
     if private is not None:  # (no context operator there: refused at make_train_step)
+        from ..interop.optax_outer import check_own_state
         from .optimizers.differentially_private import COUNT
         from .train_step_private import private_gradients
 
+        check_own_state(private[0], opt_state, (), (COUNT,))  # (another's: its error)
         out, grads = private_gradients(ev, *private, ptuple, inputs, cots,
                                        opt_state.values[COUNT], unreached)
     elif with_ctx:

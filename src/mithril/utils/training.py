@@ -134,8 +134,12 @@ def _one_program(optimizer: Any) -> bool:
     from ..interop.optax_special import classify
     from .optimizers.differentially_private import DifferentiallyPrivate
 
-    if any(isinstance(w, DifferentiallyPrivate) for w in wrappers(optimizer)[1:]):
+    chain = wrappers(optimizer)
+    if any(isinstance(w, DifferentiallyPrivate) for w in chain[1:]):
         return False  # (a DP-SGD's update under another wrapper takes no batch gradient)
+    if any(getattr(w.base_optimizer, "needs_loss", False) and not getattr(w, "needs_loss", False)
+           for w in chain[:-1]):  # (a wrapper that hands its base no loss, a Mechanize's, a
+        return False  # DP-SGD's (the batch's loss is not private): refused by the base there)
     try:  # (a Mechanize's, a ScheduleFree's: :mod:`~mithril.interop.optax_outer`)
         classify(outer_base(optimizer))
     except TypeError:
