@@ -18,7 +18,8 @@ step: 40 different batches); an epoch ends when its last loss is on the host. Ro
 the variants in a rotating order; the medians of the epochs and their ratios to the optax
 step are printed. Once, each variant is checked to have moved the params.
 
-    python benchmarks/train_step_wrappers.py [--rounds 7] [--wrapper sam mechanize ...]
+    python benchmarks/train_step_wrappers.py [--rounds 7] [--steps 40]
+                                             [--wrapper sam mechanize schedule_free dpsgd]
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from mithril.cli.networks import mlp_spec
 from mithril.utils import optimizers as o
 from mithril.utils.training import make_train_step
 
-FEATURES, CLASSES, HIDDEN, BATCH, STEPS = 64, 10, [128, 128], 128, 40
+FEATURES, CLASSES, HIDDEN, BATCH = 64, 10, [128, 128], 128
+STEPS = 40  # (an epoch; --steps)
 LR, RHO, CLIP, NOISE = 1e-3, 0.05, 1.0, 1.0
 
 OURS: dict[str, Callable[[], Any]] = {
@@ -153,10 +155,13 @@ def optax_epoch(wrapper: str, init: dict, feed: list) -> tuple[Callable[[], floa
 
 
 def main() -> None:
+    global STEPS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=STEPS, help="steps per epoch")
     ap.add_argument("--wrapper", nargs="+", default=list(OURS), choices=list(OURS))
     args = ap.parse_args()
+    STEPS = args.steps
     feed = data()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, optax {optax.__version__}; "
           f"epoch = {STEPS} steps of {BATCH}, MLP {[FEATURES, *HIDDEN, CLASSES]}")

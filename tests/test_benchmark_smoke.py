@@ -46,6 +46,8 @@ RUNS = {
                           r"ffi call\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x"),
     "jax_step_compile.py": (["--hidden", "8", "--rounds", "1"],
                             r"optax jitted step\s+\d+\.\d+\s+1\.00x"),
+    "train_step_wrappers.py": (["--rounds", "1", "--steps", "2", "--wrapper", "sam", "dpsgd"],
+                               r"dpsgd\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x"),
     "galore.py": (["--matrices", "2", "--rows", "64", "--cols", "16", "--rounds", "1", "--block",
                    "2", "--warm", "0", "--backends", "numpy"], r"refresh\s+numpy\s+\d+\.\d+\s+\d+\.\d+"),
 }
