@@ -137,7 +137,8 @@ def optax_epoch(wrapper: str, init: dict, feed: list) -> tuple[Callable[[], floa
             return optax.apply_updates(p, u), s, loss
 
     step = jax.jit(_step, donate_argnums=(0, 1))
-    box = {"p": params, "s": tx.init(params)}
+    # (copies: schedule-free's z, Mechanic's x0 start as the very params, donated apart)
+    box = {"p": params, "s": jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))}
     batches = [(jnp.asarray(a), jnp.asarray(b)) for a, b in feed]
     first = [np.asarray(W) for W, _ in params]
 
