@@ -225,3 +225,22 @@ def test_params_the_loss_does_not_reach_sit_out(wrap: str) -> None:
     _close(got, want)
     assert state.missed_counts() == want_state.missed_counts() != {}
     _same_states(state, want_state)
+
+
+def test_schedule_free_eval_params_of_the_programs_state() -> None:
+    """``ScheduleFree.eval_params`` takes the program's state (``step.init``'s) as the
+    separate calls' (it refused it), and ``schedule_free_eval_params`` says which to use."""
+    from mithril.interop import schedule_free_eval_params
+
+    c, be, batches = _problem()
+    make = CASES["schedule_free_sgd_lr"]
+    opt_a, opt_b = make(), make()
+    _, want, want_state, _ = _run(c, opt_a, batches[:3], fused=False)
+    _, got, state, _ = _run(c, opt_b, batches[:3], fused=True)
+    x = opt_b.eval_params(state, got)
+    assert all(str(v.dtype) == "float32" for v in x.values())
+    _close(x, opt_a.eval_params(want_state, want))
+    with pytest.raises(ValueError, match="opt.eval_params"):
+        schedule_free_eval_params(state, got)
+    with pytest.raises(ValueError, match="training parameters of this state"):
+        opt_b.eval_params(state, {k: v for k, v in list(got.items())[1:]})

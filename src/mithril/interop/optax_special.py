@@ -205,6 +205,11 @@ def _find_state(state: Any) -> Any:
              if ours(x) and "z" in x.slots and "beta1" in x.hyperparams]
     if len(found) != 1:
         what = "none" if not found else f"{len(found)}"
+        if not found and any(ours(x) and "z" in x.slots for x in jax.tree_util.tree_leaves(
+                state, is_leaf=ours)):  # (its b1 is the wrapper's: not in the state)
+            raise ValueError("schedule_free_eval_params: this is a ScheduleFree wrapper's "
+                             "state (make_train_step's program): use "
+                             "opt.eval_params(state, params)")
         raise ValueError(f"schedule_free_eval_params: state must hold the state of one "
                          f"schedule-free optax_transformation (ScheduleFreeSGD / "
                          f"ScheduleFreeAdamW: a 'z' slot and hyperparams['beta1']); found "

@@ -165,9 +165,12 @@ class ScheduleFree(OuterWrapper):
     def eval_params(self, state: OptimizerState, params: Mapping[str, Any]) -> dict[str, Any]:
         """The parameters to evaluate with, ``x = (y − (1 − β₁)·z) / β₁`` from the training
         parameters ``y`` (``params``, those the last update returned) and the state's ``z``,
-        as new arrays of the state's backend (optax's ``schedule_free_eval_params``)."""
+        as new arrays of the state's backend (optax's ``schedule_free_eval_params``);
+        ``state`` may also be the one-program JAX train step's (``step.init``'s)."""
         who = "ScheduleFree.eval_params"
         state = unwrapped(state)  # (an Accumulate's state: its wrapped one)
+        if type(state).__name__ == "OptaxState" and "z" in getattr(state, "slots", {}):
+            return self._fused_eval_params(state, params, who)
         if not isinstance(state, OptimizerState) or state.kind != "ScheduleFree" \
                 or "z" not in state.slots:
             raise ValueError(f"{who}: state must be what ScheduleFree.init / update returned, "
@@ -180,6 +183,28 @@ class ScheduleFree(OuterWrapper):
         if y.dtype != z.dtype:
             raise TypeError(f"{who}: params must have dtype {state.layout.dtype}, got {y.dtype}")
         return per_param(state, (y - (1.0 - self.b1) * z) / self.b1)
+
+
+    def _fused_eval_params(self, state: Any, params: Mapping[str, Any], who: str
+                           ) -> dict[str, Any]:
+        """:meth:`eval_params` of the one-program JAX train step's state (an ``OptaxState``
+        holding ``z`` per parameter): new JAX arrays, each of its parameter's dtype."""
+        import jax.numpy as jnp
+
+        z = state.slots["z"]
+        if not isinstance(params, Mapping) or set(params) != set(z):
+            got = sorted(params) if isinstance(params, Mapping) else describe(params)
+            raise ValueError(f"{who}: params must be the training parameters of this state, "
+                             f"{sorted(z)}; got {got}")
+        b1 = self.b1
+        out = {}
+        for n, y in params.items():
+            y = jnp.asarray(y)
+            if tuple(y.shape) != tuple(z[n].shape) or y.dtype != z[n].dtype:
+                raise ValueError(f"{who}: params[{n!r}] has shape {tuple(y.shape)} and dtype "
+                                 f"{y.dtype}, the state's z {tuple(z[n].shape)} {z[n].dtype}")
+            out[n] = ((y - (1.0 - b1) * z[n]) / b1).astype(y.dtype)
+        return out
 
 
 def _write(state: OptimizerState, slot: str, arrays: Mapping[str, Any]) -> None:
