@@ -164,3 +164,13 @@ def test_sharded_on_two_devices() -> None:
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(" ok") == 8, out.stdout
+
+
+def test_sharded_step_refuses_a_wrapper_over_a_loss_aware_base() -> None:
+    """Mechanize hands its base no loss: the plain step takes the separate calls (which
+    refuse it), the sharded one refuses it when made (it failed on a missing attribute)."""
+    from mithril.distributed.jax_parallel import make_sharded_train_step
+
+    c, _, _ = _problem()
+    with pytest.raises(TypeError, match="Mechanize's step cannot be one program"):
+        make_sharded_train_step(c, o.Mechanize(o.PolyakSGD()), loss="loss", devices=1)

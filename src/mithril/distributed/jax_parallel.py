@@ -160,6 +160,13 @@ def state_bytes_per_device(opt_state: Any) -> dict[str, int]:
     return out
 
 
+def is_outer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a Mechanize, ScheduleFree or DP-SGD (optax_outer's)."""
+    from ..interop.optax_outer import is_outer as outer
+
+    return outer(optimizer)
+
+
 def _second_gradients(optimizer: Any) -> bool:
     """Whether ``optimizer`` is or wraps a SAM or a DP-SGD (gradients of its own)."""
     from ..interop.optax_outer import wrappers
@@ -197,11 +204,12 @@ class ShardedTrainStep(TrainStep):
         self._tx = None
         self._slots_of: Any = None  # the transformation _slot_cache was made for
         self._slot_cache: dict[str, dict[str, tuple[int, ...]]] = {}
-        if not self._fused and _second_gradients(optimizer):  # (the plain step: separately)
-            raise TypeError(
+        if not self._fused and (_second_gradients(optimizer) or is_outer(optimizer)):
+            raise TypeError(  # (the plain step: the separate calls)
                 f"make_sharded_train_step: {type(optimizer).__name__}'s step cannot be one "
-                f"program here (a SAM on a model with Dropout / BatchNorm or around a "
-                f"loss-aware base, a DP-SGD under another wrapper): use make_train_step "
+                f"program here (a SAM on a model with Dropout / BatchNorm, a wrapper "
+                f"around a loss-aware base it hands no loss, a DP-SGD under another "
+                f"wrapper): use make_train_step "
                 f"with optimizer.init's state, or mithril.distributed.DataParallel")
         self._transformation()  # refuses what cannot be one program (LBFGS, 'raise') now
         self._made = True
