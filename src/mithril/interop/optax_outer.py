@@ -67,6 +67,25 @@ def outer_base(opt: Any) -> Any:
     return wrappers(opt)[-1]
 
 
+def one_program(optimizer: Any) -> bool:
+    """Whether the JAX program can hold ``optimizer``'s update: it is made of the slots,
+    scalars and math (or tensor_update) an optax transformation runs, or is a wrapper
+    (Mechanize, ScheduleFree, SAM, DP-SGD's aggregation at the top) of such a one."""
+    from .optax_special import classify
+
+    chain = wrappers(optimizer)
+    if any(isinstance(w, DifferentiallyPrivate) for w in chain[1:]):
+        return False  # (a DP-SGD's update under another wrapper takes no batch gradient)
+    if any(getattr(w.base_optimizer, "needs_loss", False) and not getattr(w, "needs_loss", False)
+           for w in chain[:-1]):  # (a wrapper that hands its base no loss, a Mechanize's, a
+        return False  # DP-SGD's (the batch's loss is not private): refused by the base there)
+    try:  # (the base of the wrappers: elementwise, two-pass or tensorwise)
+        classify(outer_base(optimizer))
+    except TypeError:
+        return False
+    return True
+
+
 def _split(state: Any, slots: tuple[str, ...], values: tuple[str, ...]) -> tuple[Any, dict,
                                                                                  dict]:
     """(the base's part of ``state``, the wrapper's slots, its values)."""

@@ -18,6 +18,20 @@ from typing import Any
 from ..errors import ShapeError
 
 
+def check_per_example_model(compiled: Any) -> None:
+    """Refuse, at ``make_train_step``, a model whose per-example gradients are not each
+    example's own (Dropout, BatchNorm) or that cannot run on one example."""
+    prog = getattr(compiled, "_program", None)
+    if prog is None:
+        raise ShapeError("make_train_step: a DP-SGD step needs per-example gradients: "
+                         "compile the model with shapes whose batch dimension is None "
+                         "(e.g. shapes={'input': [None, 8]})")
+    if prog.has_context:
+        raise TypeError("make_train_step: a DP-SGD step needs per-example gradients, and "
+                        "the model has Dropout or BatchNorm (random masks or batch "
+                        "statistics: no example's gradient is its own)")
+
+
 def private_gradients(ev: Any, dp: Any, consts: frozenset[str], ptuple: tuple, inputs: dict,
                       cots: dict, count: Any, unreached: frozenset[str]) -> tuple[dict, tuple]:
     """(the whole batch's outputs, the noised mean of the clipped per-example gradients in

@@ -101,6 +101,7 @@ from typing import Any
 
 from ..compiler.compiled_model import signature
 from ..errors import KeyMismatchError, ShapeError
+from ..interop.optax_outer import one_program
 from .fixed_parts import FixedParts
 from .optimizers.checks import check_state_kind
 from .optimizers.state import OptimizerState
@@ -119,32 +120,12 @@ from .train_step_jax import (
     state_before_run,
     step_body,
 )
+from .train_step_private import check_per_example_model
 from .train_step_sam import fuses
 from .train_step_states import counts_own_steps, optax_state_of, optimizer_state_of, with_missed
 from .unreached_params import unreached_params, update_reached
 
 __all__ = ["TrainStep", "make_train_step"]
-
-
-def _one_program(optimizer: Any) -> bool:
-    """Whether the JAX program can hold ``optimizer``'s update: it is made of the slots,
-    scalars and math (or tensor_update) an optax transformation runs, or is a wrapper
-    (Mechanize, ScheduleFree, SAM, DP-SGD's aggregation at the top) of such a one."""
-    from ..interop.optax_outer import outer_base, wrappers
-    from ..interop.optax_special import classify
-    from .optimizers.differentially_private import DifferentiallyPrivate
-
-    chain = wrappers(optimizer)
-    if any(isinstance(w, DifferentiallyPrivate) for w in chain[1:]):
-        return False  # (a DP-SGD's update under another wrapper takes no batch gradient)
-    if any(getattr(w.base_optimizer, "needs_loss", False) and not getattr(w, "needs_loss", False)
-           for w in chain[:-1]):  # (a wrapper that hands its base no loss, a Mechanize's, a
-        return False  # DP-SGD's (the batch's loss is not private): refused by the base there)
-    try:  # (a Mechanize's, a ScheduleFree's: :mod:`~mithril.interop.optax_outer`)
-        classify(outer_base(optimizer))
-    except TypeError:
-        return False
-    return True
 
 
 def _loss_key(compiled: Any, loss: str, where: str = "make_train_step") -> str:
@@ -159,20 +140,6 @@ def _loss_key(compiled: Any, loss: str, where: str = "make_train_step") -> str:
         raise ShapeError(f"{where}: the loss {loss!r} must be a scalar output, it has "
                          f"shape {shape}")
     return loss
-
-
-def _check_per_example_model(compiled: Any) -> None:
-    """Refuse, at ``make_train_step``, a model whose per-example gradients are not each
-    example's own (Dropout, BatchNorm) or that cannot run on one example."""
-    prog = getattr(compiled, "_program", None)
-    if prog is None:
-        raise ShapeError("make_train_step: a DP-SGD step needs per-example gradients: "
-                         "compile the model with shapes whose batch dimension is None "
-                         "(e.g. shapes={'input': [None, 8]})")
-    if prog.has_context:
-        raise TypeError("make_train_step: a DP-SGD step needs per-example gradients, and "
-                        "the model has Dropout or BatchNorm (random masks or batch "
-                        "statistics: no example's gradient is its own)")
 
 
 class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
@@ -205,14 +172,14 @@ class TrainStep(FixedParts, HyperparameterWatch, TrainStepInputs):
         # the model's forward+VJP on the step's data as its closure, on every backend
         self._closure_driven = "closure" in inspect.signature(optimizer.update).parameters
         if self._per_example:  # (refused here, not at the first step)
-            _check_per_example_model(compiled)
+            check_per_example_model(compiled)
         # the separate calls everywhere for a wrapper of the optimizer contract (Accumulate)
         # and for nonfinite="raise" (a program cannot raise)
         # (SAM's second gradient is a second forward+VJP in the program: train_step_sam)
         self._sam = own and self._closure_driven and fuses(optimizer, compiled)
         self._fused = self.backend.name == "jax" and own and (
             not self._closure_driven or self._sam) and \
-            optimizer.nonfinite != "raise" and _one_program(optimizer)
+            optimizer.nonfinite != "raise" and one_program(optimizer)
         # (each parameter's own step count in the program: see train_step_states)
         self._own_counts = self._fused and counts_own_steps(optimizer)
         self._fused = self._fused and (self._own_counts or not self._unreached)
