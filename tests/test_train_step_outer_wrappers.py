@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("jax")
 
+from test_train_step_skipped_count import _model as skip_model  # noqa: E402
 from test_unreached_params import SCHEDULE, data_of, two_heads  # noqa: E402
 
 import mithril as ml  # noqa: E402
@@ -94,6 +95,29 @@ def _same_states(got: OptimizerState, want: OptimizerState, tol: float = TOL) ->
         assert got.values[k] == pytest.approx(v, rel=max(tol, 1e-5), abs=tol), k
 
 
+def two_heads_alternately(make, batch: int | None = 8) -> None:
+    """Two heads trained by turns (``SCHEDULE``), one optimizer ``make()`` in the program
+    and in the separate calls: params, missed counts and state to float32 rounding
+    (``batch``: the compiled batch dimension, None for a DP-SGD)."""
+    runs = {}
+    for fused in (False, True):
+        c = ml.compile(two_heads(), JaxBackend(), shapes={"input": [batch, 3]})
+        opt = make()
+        steps = {k: make_train_step(c, opt, loss=k) for k in ("loss_a", "loss_b")}
+        assert all(s.fused for s in steps.values())
+        params = c.get_parameters()
+        state = steps["loss_a"].init(params) if fused else opt.init(params)
+        rng = np.random.default_rng(1)
+        for loss in SCHEDULE:
+            data = {k: c.backend.array(v.astype(np.float32)) for k, v in data_of(rng).items()}
+            params, state, _ = steps[loss](params, state, data)
+        runs[fused] = (params, steps["loss_a"].to_optimizer_state(state, params))
+    (want, want_state), (got, state) = runs[False], runs[True]
+    _close(got, want)
+    assert state.missed_counts() == want_state.missed_counts() != {}
+    _same_states(state, want_state)
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_one_program_equals_the_separate_calls(name: str) -> None:
     c, be, batches = _problem()
@@ -153,14 +177,6 @@ def test_own_hyperparameter_changes_rebuild_the_program() -> None:
     _same_states(step.to_optimizer_state(state, got), want_state)
 
 
-def _skip_model() -> ml.Model:
-    m = ml.Model()
-    m |= ml.Linear(2)(input="input", output="out")
-    m |= ml.SquaredError()(input="out", target="target", output="se")
-    m |= ml.Mean()(input="se", output=ml.IOKey("loss"))
-    return m
-
-
 @pytest.mark.parametrize("wrap", ["mechanize", "schedule_free"])
 def test_a_step_the_base_skips_is_skipped_whole(wrap: str) -> None:
     """``nonfinite="skip"`` on the base: a non-finite gradient skips the base's step, and
@@ -178,7 +194,7 @@ def test_a_step_the_base_skips_is_skipped_whole(wrap: str) -> None:
     runs = {}
     for fused in (False, True):
         b = JaxBackend()
-        c = ml.compile(_skip_model(), b, shapes={"input": [None, 3]})
+        c = ml.compile(skip_model(), b, shapes={"input": [None, 3]})
         step = make_train_step(c, make(), loss="loss")
         p = {k: b.array(np.full(tuple(v.shape), 0.3, np.float32))
              for k, v in c.get_parameters().items()}
@@ -208,23 +224,7 @@ def test_params_the_loss_does_not_reach_sit_out(wrap: str) -> None:
             return o.Mechanize(o.AdamW(learning_rate=1.0, weight_decay=0.1), s_init=1e-3)
         return o.ScheduleFree(o.AdamW(learning_rate=1e-2, beta1=0.0, weight_decay=0.1))
 
-    runs = {}
-    for fused in (False, True):
-        c = ml.compile(two_heads(), JaxBackend(), shapes={"input": [8, 3]})
-        opt = make()
-        steps = {k: make_train_step(c, opt, loss=k) for k in ("loss_a", "loss_b")}
-        assert all(s.fused for s in steps.values())
-        params = c.get_parameters()
-        state = steps["loss_a"].init(params) if fused else opt.init(params)
-        rng = np.random.default_rng(1)
-        for loss in SCHEDULE:
-            data = {k: c.backend.array(v.astype(np.float32)) for k, v in data_of(rng).items()}
-            params, state, _ = steps[loss](params, state, data)
-        runs[fused] = (params, steps["loss_a"].to_optimizer_state(state, params))
-    (want, want_state), (got, state) = runs[False], runs[True]
-    _close(got, want)
-    assert state.missed_counts() == want_state.missed_counts() != {}
-    _same_states(state, want_state)
+    two_heads_alternately(make)
 
 
 def test_schedule_free_eval_params_of_the_programs_state() -> None:

@@ -12,11 +12,14 @@ import pytest
 
 pytest.importorskip("jax")
 
-from test_train_step_outer_wrappers import _close, _problem, _run, _same_states  # noqa: E402
-from test_unreached_params import SCHEDULE, data_of, two_heads  # noqa: E402
+from test_train_step_outer_wrappers import (  # noqa: E402
+    _close,
+    _problem,
+    _run,
+    _same_states,
+    two_heads_alternately,
+)
 
-import mithril as ml  # noqa: E402
-from mithril.backends import JaxBackend  # noqa: E402
 from mithril.errors import ShapeError  # noqa: E402
 from mithril.utils import optimizers as o  # noqa: E402
 from mithril.utils.training import make_train_step  # noqa: E402
@@ -86,24 +89,9 @@ def test_state_round_trips_and_the_noise_continues() -> None:
 
 
 def test_params_the_loss_does_not_reach_sit_out() -> None:
-    runs = {}
-    for fused in (False, True):
-        c = ml.compile(two_heads(), JaxBackend(), shapes={"input": [None, 3]})
-        opt = o.DifferentiallyPrivate(o.AdamW(learning_rate=1e-2, weight_decay=0.1),
-                                      l2_norm_clip=0.3, noise_multiplier=0.8, seed=2)
-        steps = {k: make_train_step(c, opt, loss=k) for k in ("loss_a", "loss_b")}
-        assert all(s.fused for s in steps.values())
-        params = c.get_parameters()
-        state = steps["loss_a"].init(params) if fused else opt.init(params)
-        rng = np.random.default_rng(1)
-        for loss in SCHEDULE:
-            data = {k: c.backend.array(v.astype(np.float32)) for k, v in data_of(rng).items()}
-            params, state, _ = steps[loss](params, state, data)
-        runs[fused] = (params, steps["loss_a"].to_optimizer_state(state, params))
-    (want, want_state), (got, state) = runs[False], runs[True]
-    _close(got, want)
-    assert state.missed_counts() == want_state.missed_counts() != {}
-    _same_states(state, want_state)
+    two_heads_alternately(lambda: o.DifferentiallyPrivate(
+        o.AdamW(learning_rate=1e-2, weight_decay=0.1), l2_norm_clip=0.3, noise_multiplier=0.8,
+        seed=2), batch=None)
 
 
 def test_empty_batch_is_noise_alone_or_refused() -> None:
