@@ -103,6 +103,13 @@ class World:
         return out
 
 
+def one_process_mesh(world: Any) -> bool:
+    """Whether ``world`` is one JAX process over its local devices (``--devices N``): its
+    sharded step computes DP-SGD's per-example gradients on the mesh, one batch as one
+    process's."""
+    return getattr(world, "engine", None) == "jax" and world.size == 1
+
+
 def _env_int(name: str) -> int:
     raw = os.environ.get(name, "0")
     try:

@@ -45,6 +45,7 @@ from .parallel import (
     join,
     launch,
     leave,
+    one_process_mesh,
     world_of,
 )
 from .plots import training_figure
@@ -433,7 +434,8 @@ def delta_of(args: argparse.Namespace) -> float:
 
 def check_privacy_flags(args: argparse.Namespace, optimizer: str, overrides: dict[str, Any],
                         world: Any) -> None:
-    """--delta and --target-epsilon go with DP-SGD, which trains in one process."""
+    """--delta and --target-epsilon go with DP-SGD, which trains in one process (JAX's
+    --devices included: its step computes each example's gradient on the mesh)."""
     private = optimizer in PER_EXAMPLE
     given = [f for f, v in (("--delta", args.delta), ("--target-epsilon", args.target_epsilon))
              if v is not None]
@@ -441,10 +443,10 @@ def check_privacy_flags(args: argparse.Namespace, optimizer: str, overrides: dic
         raise CLIError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} "
                        f"with a DP-SGD optimizer "
                        f"({', '.join(PER_EXAMPLE)}), not {optimizer}")
-    if private and world is not None:
-        raise CLIError(f"optimizer {optimizer} (DP-SGD) trains in one process: the "
-                       f"data-parallel runs (--nprocs, --devices, torchrun) take one gradient "
-                       f"per batch, not each example's")
+    if private and world is not None and not one_process_mesh(world):
+        raise CLIError(f"optimizer {optimizer} (DP-SGD) trains in one process (with "
+                       f"--backend jax, --devices N too): the data-parallel runs (--nprocs, "
+                       f"torchrun) take one gradient per batch, not each example's")
     if args.target_epsilon is not None and overrides.get("noise_multiplier") is not None:
         raise CLIError("--target-epsilon sets the noise multiplier: give it or "
                        "noise_multiplier=, not both")

@@ -27,6 +27,7 @@ from .evaluation import Evaluation
 from .networks import ModelSpec, mlp_spec
 from .optimizer_catalog import build_optimizer
 from .options import Schedule, build_schedule
+from .parallel import one_process_mesh
 from .run_types import (
     BACKENDS,
     MAX_TOTAL_STEPS,
@@ -90,10 +91,11 @@ class Run(Evaluation):
         self.optimizer = build_optimizer(cfg.optimizer, cfg.settings, extra)
         #: DP-SGD: the step computes each example's gradient (make_train_step)
         self.private = bool(getattr(self.optimizer, "takes_per_example_gradients", False))
-        if self.private and parallel is not None:
-            raise CLIError(f"optimizer {cfg.optimizer} (DP-SGD) trains in one process: the "
-                           f"data-parallel runs (--nprocs, --devices, torchrun) take one "
-                           f"gradient per batch, not each example's")
+        if self.private and parallel is not None and not one_process_mesh(parallel.world):
+            raise CLIError(f"optimizer {cfg.optimizer} (DP-SGD) trains in one process (with "
+                           f"--backend jax, --devices N too): the data-parallel runs "
+                           f"(--nprocs, torchrun) take one gradient per batch, not each "
+                           f"example's")
         if self.private and cfg.mixed_precision != "none":
             raise CLIError(f"--mixed-precision does not apply to optimizer {cfg.optimizer} "
                            f"(DP-SGD): train it in float32 or float64")
