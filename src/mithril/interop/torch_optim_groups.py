@@ -309,7 +309,8 @@ def apply_values(opt: Optimizer, hp: Mapping[str, Any], before: Mapping[str, Any
         # (a value cycled to 0 by a scheduler, e.g. OneCycleLR(base_momentum=0): torch's
         # keeps the unused buffer; here the constructor cannot help)
         hint = ("torch.optim keeps the unused slot while the value is 0 (a scheduler's "
-                "base_momentum=0); here keep it above 0" if set(needed) < set(st.slots)
+                "base_momentum=0); here keep it above 0 (a value that sizes the state, as "
+                "LBFGS's history_size, is the constructor's)" if set(needed) < set(st.slots)
                 else "set this in the constructor instead")
         raise ValueError(f"{where}: {type(opt).__name__} would then need the state slots "
                          f"{needed}, but its state has {sorted(st.slots)}; {hint}")
