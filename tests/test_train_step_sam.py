@@ -100,28 +100,38 @@ def test_dropout_and_loss_aware_bases_keep_the_separate_calls() -> None:
     assert not make_train_step(c2, o.SAM(o.PolyakSGD()), loss="loss").fused
 
 
-@pytest.mark.parametrize("name", ["sam", "asam", "dp", "mechanize", "schedule_free"])
-def test_sharded_step_takes_them_as_the_plain_step(name: str) -> None:
-    """``make_sharded_train_step`` (one device here, the state sharded: padded flat slots)
-    runs the same program as the plain step: SAM's second gradient and DP-SGD's
-    per-example ones included (it ran their base's update alone, or refused them)."""
+#: the wrappers the sharded step is checked with (here, and on two devices:
+#: tests/jax_wrappers_worker.py)
+SHARDED = {"sam": lambda: o.SAM(o.Adam(learning_rate=1e-2), rho=0.1),
+           "asam": lambda: o.SAM(o.SGD(learning_rate=0.1, momentum=0.9), adaptive=True),
+           "dp": lambda: o.DPSGD(0.1, noise_multiplier=0.5, seed=3),
+           "mechanize": lambda: o.Mechanize(o.Adam(learning_rate=1.0), s_init=1e-3),
+           "schedule_free": lambda: o.ScheduleFree(o.Adam(learning_rate=1e-2, beta1=0.0))}
+
+
+def sharded_equals_separate(make, devices: int, shard: bool, tol: float = 2e-6) -> bool:
+    """Three steps of ``make_sharded_train_step`` on ``devices`` against the separate calls
+    in one process, to ``tol``; whether the batch was split over the devices."""
     from mithril.distributed.jax_parallel import make_sharded_train_step
 
-    make = {"sam": lambda: o.SAM(o.Adam(learning_rate=1e-2), rho=0.1),
-            "asam": lambda: o.SAM(o.SGD(learning_rate=0.1, momentum=0.9), adaptive=True),
-            "dp": lambda: o.DPSGD(0.1, noise_multiplier=0.5, seed=3),
-            "mechanize": lambda: o.Mechanize(o.Adam(learning_rate=1.0), s_init=1e-3),
-            "schedule_free": lambda: o.ScheduleFree(o.Adam(learning_rate=1e-2, beta1=0.0)),
-            }[name]
     c, be, batches = _problem()
     _, want, want_state, _ = _run(c, make(), batches[:3], fused=False)
-    step = make_sharded_train_step(c, make(), loss="loss", devices=1, shard_state=True)
+    step = make_sharded_train_step(c, make(), loss="loss", devices=devices, shard_state=shard)
     params = c.get_parameters()
     state = step.init(params)
     for data in batches[:3]:
         params, state, _ = step(params, state, data)
-    _close(params, want)
-    _same_states(step.to_optimizer_state(state, params), want_state)
+    _close(params, want, tol)
+    _same_states(step.to_optimizer_state(state, params), want_state, tol)
+    return bool(step.last_batch_sharded)
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_sharded_step_takes_them_as_the_plain_step(name: str) -> None:
+    """``make_sharded_train_step`` (one device here, the state sharded: padded flat slots)
+    runs the same program as the plain step: SAM's second gradient and DP-SGD's
+    per-example ones included (it ran their base's update alone, or refused them)."""
+    sharded_equals_separate(SHARDED[name], 1, True)
 
 
 def test_sharded_step_refuses_what_the_plain_step_runs_separately() -> None:
