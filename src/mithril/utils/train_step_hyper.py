@@ -146,8 +146,9 @@ class HyperparameterWatch:
         return self._tx
 
     def _transformation_of(self, opt: Any) -> Any:
-        """The program's transformation of ``opt``: a wrapper's (Mechanize, ScheduleFree:
-        :mod:`~mithril.interop.optax_outer`) around its base's, else ``opt``'s own (each
+        """The program's transformation of ``opt``: a wrapper's (Mechanize, ScheduleFree,
+        DP-SGD: :mod:`~mithril.interop.optax_outer`) around its base's, a SAM's base's (its
+        second gradient is the program's: :mod:`~.train_step_sam`), else ``opt``'s own (each
         tensor's own count where the loss leaves some out, a Lookahead with
         ``reset_state`` counting none missed)."""
         from ..interop.optax_outer import is_outer, outer_transformation
