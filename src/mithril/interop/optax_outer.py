@@ -273,12 +273,8 @@ def check_own_state(opt: Any, state: Any, slots: tuple[str, ...], values: tuple[
     changed since ``init``), as its ``update`` refuses them: a bare KeyError, or a step on
     the betas it still holds, before."""
     who = type(opt).__name__
-    if isinstance(opt, Mechanize):
-        have = {k for k in state.values if k.startswith("mechanic_")}
-        if X0 in state.slots and "mechanic_count" in have and have != set(values):
-            raise ValueError(f"state holds Mechanic's scalars for {(len(have) - 1) // 4} "
-                             f"betas, this Mechanize has {len(opt.betas)} (betas changed "
-                             f"since init?)")
+    if isinstance(opt, Mechanize) and X0 in state.slots and "mechanic_count" in state.values:
+        opt.check_scalars(state.values)  # (its update's check)
     lacks = [k for k in slots if k not in state.slots] + [
         k for k in values if k not in state.values]
     if lacks:

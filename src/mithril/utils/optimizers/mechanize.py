@@ -93,6 +93,14 @@ class Mechanize(OuterWrapper):
                              f"{describe(value)}")
         return v
 
+    def check_scalars(self, names: Any) -> None:
+        """Refuse state values (``names``) holding Mechanic's scalars for other betas than
+        this Mechanize's (its ``betas`` changed since ``init``)."""
+        have = {k for k in names if k.startswith("mechanic_")}
+        if have != set(self.own_values()):
+            raise ValueError(f"state holds Mechanic's scalars for {(len(have) - 1) // 4} betas, "
+                             f"this Mechanize has {len(self.betas)} (betas changed since init?)")
+
     def init(self, params: Mapping[str, Any]) -> OptimizerState:
         """The base optimizer's state plus Mechanic's: the slot ``x0`` a copy of ``params``
         (replaced by the params of the first update, as optax's), and the values ``s =
@@ -120,10 +128,7 @@ class Mechanize(OuterWrapper):
         has changed."""
         gradients = _without_none(gradients)  # (None: no gradient this step)
         check_grads(self, params, gradients, state, "gradients")
-        have = {k for k in state.values if k.startswith("mechanic_")}
-        if have != set(self.own_values()):
-            raise ValueError(f"state holds Mechanic's scalars for {(len(have) - 1) // 4} betas, "
-                             f"this Mechanize has {len(self.betas)} (betas changed since init?)")
+        self.check_scalars(state.values)
         mech = self.vectors(state)
         first = state.values["mechanic_count"] == 0
         x0 = {n: copied(p) for n, p in params.items()} if first else state.slot(X0)
