@@ -5,6 +5,7 @@ running, longest first)."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,8 @@ def pack_data_into_time_slots(data: Sequence[Sequence[Any]], backend: Any, lengt
     sequences longer than t, shape (N_t, 1, F), as backend arrays of the data's dtype.
     Returns ``(time_slots, sorted samples)``, with ``return_indices`` ``(indices,
     time_slots, sorted samples)`` where ``indices[i]`` is the position in ``data`` of the i-th
-    sorted sample (``EncoderDecoder``'s ``indices`` for data sorted by input first)."""
+    sorted sample (``EncoderDecoder``'s ``indices`` for data sorted by input first).
+    ``lengths``: the steps of each sequence to use, ints in [1, T_i] (default: all)."""
     if not data:
         raise ValueError("pack_data_into_time_slots: data has no samples")
     seqs = [np.asarray(backend.to_numpy(d[index]) if not isinstance(d[index], np.ndarray)
@@ -35,9 +37,20 @@ def pack_data_into_time_slots(data: Sequence[Sequence[Any]], backend: Any, lengt
             raise ValueError(f"pack_data_into_time_slots: data[{i}][{index}] is {s.dtype} "
                              f"{list(s.shape)}, data[0][{index}] {seqs[0].dtype} "
                              f"{list(seqs[0].shape)}: the feature shapes and dtypes must agree")
-    n = [int(v) for v in (lengths if lengths is not None else [s.shape[0] for s in seqs])]
-    if len(n) != len(seqs):
-        raise ValueError(f"pack_data_into_time_slots: {len(n)} lengths for {len(seqs)} samples")
+    given = list(lengths) if lengths is not None else [s.shape[0] for s in seqs]
+    if len(given) != len(seqs):
+        raise ValueError(f"pack_data_into_time_slots: {len(given)} lengths for {len(seqs)} samples")
+    n = []
+    for i, (m, s) in enumerate(zip(given, seqs)):  # as torch's pack_padded_sequence: [1, T_i]
+        try:
+            v = None if isinstance(m, (bool, np.bool_)) else operator.index(m)
+        except TypeError:
+            v = None
+        if v is None or not 1 <= v <= s.shape[0]:
+            raise ValueError(f"pack_data_into_time_slots: lengths[{i}] = {m!r} must be an int in "
+                             f"[1, {s.shape[0]}] (the steps of data[{i}][{index}], shape "
+                             f"{list(s.shape)})")
+        n.append(v)
     order = list(range(len(seqs))) if sorted_data else \
         sorted(range(len(seqs)), key=lambda i: n[i], reverse=True)
     lens = [n[i] for i in order]
