@@ -19,7 +19,8 @@ forwards take no shortcut (scale_factor=1.2, n = 3: [x0, x0, x1]) but its backwa
 were [x0, x1, x2]: gradient [1, 1, 1] where its forward's is [2, 1, 0]); ours is that
 forward's and its true gradient (on torch too: a gather there). Linear: source s = r · j with
 ``align_corners=True`` (r = (n − 1)/(out − 1), 0 for out = 1), else max(r · (j + ½) − ½, 0);
-output j = (1 − λ)·x[⌊s⌋] + λ·x[min(⌊s⌋ + 1, n − 1)], λ = s − ⌊s⌋. Bicubic (2-D, per axis):
+output j = (1 − λ)·x[⌊s⌋] + λ·x[min(⌊s⌋ + 1, n − 1)], λ = s − ⌊s⌋; an axis of unchanged size
+is copied (torch's forward and backward both; s = j even for scale_factor=1.2 on 3). Bicubic (2-D, per axis):
 the same source s without the clamp at 0, four taps ⌊s⌋ − 1 .. ⌊s⌋ + 2 each clamped into
 [0, n − 1] (torch's border: the edge pixel repeated), weighted by Keys' cubic convolution
 with A = −0.75 at distances 1 + t, t, 1 − t, 2 − t (t = s − ⌊s⌋), as torch's
@@ -115,9 +116,13 @@ def nearest_taps(n: int, out: int, scale: float | None, fast: bool = True) -> Ta
 
 
 def linear_taps(n: int, out: int, scale: float | None, align_corners: bool) -> Taps:
-    """torch's linear interpolation: taps ⌊s⌋ and min(⌊s⌋ + 1, n − 1), weights 1 − λ, λ."""
+    """torch's linear interpolation: taps ⌊s⌋ and min(⌊s⌋ + 1, n − 1), weights 1 − λ, λ; an
+    axis whose size does not change is copied (torch's ``compute_source_index_and_lambda``),
+    even where a ``scale_factor`` such as 1.2 would move its source positions."""
     j = np.arange(out, dtype=np.float64)
-    if align_corners:
+    if out == n:
+        s = j
+    elif align_corners:
         s = j * ((n - 1) / (out - 1) if out > 1 else 0.0)
     else:
         r = 1.0 / scale if scale is not None and scale > 0 else n / out

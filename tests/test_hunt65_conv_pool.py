@@ -1,0 +1,53 @@
+"""Hunt 65 (convolution, pooling and resampling blocks): edge cases against
+``torch.nn.functional`` in float64, forward and every gradient, on NumPy, torch and JAX."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mithril as ml
+
+BACKENDS = {
+    "numpy": lambda: ml.NumpyBackend(dtype="float64", seed=0),
+    "torch": lambda: ml.TorchBackend(dtype="float64", seed=0),
+    "jax": lambda: ml.JaxBackend(dtype="float64", seed=0),
+}
+
+
+def _np(v) -> np.ndarray:
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+def _compare(block, x: np.ndarray, ref, backend: str, tol: float = 1e-10) -> None:
+    """The block's output and input gradient against ``ref`` (torch autograd)."""
+    model = ml.Model()
+    model |= block(input="input", output="output")
+    be = BACKENDS[backend]()
+    compiled = ml.compile(model, be, shapes={"input": list(x.shape)}, trainable_keys={"input"})
+    xt = torch.tensor(x, requires_grad=True)
+    y = ref(xt)
+    g = np.random.default_rng(1).standard_normal(tuple(y.shape))
+    y.backward(torch.tensor(g))
+    out, grads = compiled.evaluate({"input": be.array(x)}, {},
+                                   output_gradients={"output": be.array(g)})
+    assert np.abs(_np(out["output"]) - y.detach().numpy()).max() < tol
+    assert np.abs(_np(grads["input"]) - xt.grad.numpy()).max() < tol
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("mode, shape, scale", [
+    ("linear", (1, 2, 3), 1.2),                  # 3 -> 3: copied, not interpolated
+    ("bilinear", (1, 2, 5, 3), 1.2),             # 5 -> 6, 3 -> 3
+    ("trilinear", (1, 1, 3, 4, 5), 1.2),         # 3 -> 3, 4 -> 4, 5 -> 6
+    ("bilinear", (2, 1, 4, 3), (1.1, 2.0)),      # 4 -> 4 (scale 1.1), 3 -> 6
+])
+def test_linear_upsample_same_size_axis_is_copied(backend, mode, shape, scale):
+    """torch's linear modes copy an axis whose size a ``scale_factor`` leaves unchanged
+    (``compute_source_index_and_lambda``'s output_size == input_size case, forward and
+    backward); the NumPy and JAX taps interpolated at scale 1/1.2 instead."""
+    x = np.random.default_rng(0).standard_normal(shape)
+    _compare(lambda **k: ml.Upsample(scale_factor=scale, mode=mode)(**k), x,
+             lambda t: F.interpolate(t, scale_factor=scale, mode=mode), backend)
