@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from conftest import jax_float64
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import mithril as ml
 from mithril.models import pack_data_into_time_slots
@@ -39,3 +42,76 @@ def test_time_slots_of_given_lengths_are_torchs_packed_steps_and_bad_lengths_are
                     ([True, 5, 3], r"lengths\[0\] = True must be an int")):
         with pytest.raises(ValueError, match=at):
             pack_data_into_time_slots([(s,) for s in seqs], b, lengths=bad)
+
+
+def _nan_padded_case(kind: str, opts: dict):
+    """torch's module (float64, random weights), a batch padded with NaN past each length,
+    given initial states and cotangents; torch's outputs and gradients of the packed call."""
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    t, n, i, h, lengths = 4, 3, 2, 3, [4, 2, 1]
+    ref = getattr(torch.nn, kind)(i, h, **opts).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.tensor(rng.standard_normal(tuple(p.shape)) * 0.6))
+    bf, d = opts.get("batch_first", False), 2 if opts.get("bidirectional") else 1
+    k, hp = opts.get("num_layers", 1) * d, opts.get("proj_size", 0) or h
+    x = rng.standard_normal((n, t, i) if bf else (t, n, i))
+    for row, length in enumerate(lengths):
+        (x[row, length:] if bf else x[length:, row])[...] = np.nan
+    ins = {"input": x, "initial_hidden": rng.standard_normal((k, n, hp))}
+    cots = {"output": rng.standard_normal(x.shape[:-1] + (d * hp,)),
+            "hidden": rng.standard_normal((k, n, hp))}
+    if kind == "LSTM":
+        ins["initial_cell"] = rng.standard_normal((k, n, h))
+        cots["cell"] = rng.standard_normal((k, n, h))
+    leaves = {key: torch.tensor(v, requires_grad=True) for key, v in ins.items()}
+    packed = pack_padded_sequence(leaves["input"], torch.tensor(lengths), batch_first=bf,
+                                  enforce_sorted=False)
+    states = [leaves[key] for key in ("initial_hidden", "initial_cell") if key in leaves]
+    y, s = ref(packed, tuple(states) if len(states) == 2 else states[0])
+    y, _ = pad_packed_sequence(y, batch_first=bf, total_length=t)
+    outs = {"output": y, **dict(zip(("hidden", "cell"), s if isinstance(s, tuple) else (s,)))}
+    leaves.update(dict(ref.named_parameters()))
+    grads = torch.autograd.grad([outs[key] for key in cots], list(leaves.values()),
+                                [torch.tensor(cots[key]) for key in cots])
+    want = {key: v.detach().numpy() for key, v in outs.items()}
+    want.update({f"grad|{key}": g.numpy() for key, g in zip(leaves, grads)})
+    return ref, ins, np.array(lengths), cots, want
+
+
+NAN_CASES = {"lstm": ("LSTM", {"num_layers": 2, "bidirectional": True, "batch_first": True,
+                               "proj_size": 2}),
+             "gru": ("GRU", {"num_layers": 2, "bidirectional": True, "bias": False}),
+             "rnn_relu": ("RNN", {"nonlinearity": "relu", "bidirectional": True})}
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("case", sorted(NAN_CASES))
+def test_lengths_never_read_the_padding_as_torchs_packed_sequences(case, backend_name):
+    """NaN past each sequence's length: torch's ``pack_padded_sequence`` never reads it, so
+    its outputs, states and every gradient are finite, the padding's gradient zero. Ours
+    computed every step's input projection over the padding too, and the zero cotangents
+    there times NaN made every gradient NaN (the outputs were right)."""
+    with jax_float64() if backend_name == "jax" else contextlib.nullcontext():
+        got, want = _nan_padded_run(case, backend_name)
+    assert set(got) == set(want)
+    for key, w in want.items():
+        np.testing.assert_allclose(got[key], w, rtol=0, atol=1e-10, err_msg=key)
+
+
+def _nan_padded_run(case: str, backend_name: str):
+    kind, opts = NAN_CASES[case]
+    ref, ins, lengths, cots, want = _nan_padded_case(kind, opts)
+    ours = getattr(ml, kind)(ref.hidden_size, **opts, initial_states=True, lengths=True)
+    backend = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend,
+               "jax": ml.JaxBackend}[backend_name](dtype="float64")
+    compiled = ml.compile(ours, backend, shapes={k: v.shape for k, v in ins.items()},
+                          trainable_keys=list(ins))
+    params = ours.params_from_torch(ref.state_dict(), backend=backend)
+    params.update({k: backend.array(v) for k, v in ins.items()})
+    out, grads = compiled.evaluate(params, {"lengths": backend.array(lengths)},
+                                   output_gradients={k: backend.array(v) for k, v in cots.items()})
+    back = {m: t for t, m in ours.torch_names().items()}
+    got = {k: np.asarray(backend.to_numpy(v)) for k, v in out.items()}
+    got.update({f"grad|{back.get(k, k)}": np.asarray(backend.to_numpy(v)) for k, v in grads.items()})
+    return got, want

@@ -252,18 +252,20 @@ class Recurrence(Operator):
             h0, c0 = (None if v is None else batch_of_one(v) for v in (h0, c0))
             return self.forward(xp, batch_of_one(input), lengths, h0, c0, weight_ih, weight_hh,
                                 bias_ih, bias_hh, weight_hr)[..., 0, :]
-        a = input @ weight_ih.T  # every step's input part in one matmul: (T, N, G·H)
-        if bias_ih is not None:
-            a = a + bias_ih
-        h = self._initial(xp, h0, a, self.state_size)
-        c = self._initial(xp, c0, a, self.hidden_size) if self.kind == "lstm" else h  # a placeholder
-        steps, kind = int(a.shape[0]), backend_of(xp)
+        steps, kind = int(input.shape[0]), backend_of(xp)
         t_ = torch_of(xp)
         ns = t_ if t_ is not None else np if kind == "numpy" else xp  # where, arange, stack
         # (T, N, 1): the steps each entry has (None: all); a step past the end keeps the states
         valid = None if lengths is None else \
             (ns.arange(steps, device=lengths.device) if t_ is not None else ns.arange(steps)
              )[:, None, None] < lengths[:, None]
+        if valid is not None:  # the padding is never read, as torch's packed sequences (NaN, inf)
+            input = ns.where(valid, input, 0)
+        a = input @ weight_ih.T  # every step's input part in one matmul: (T, N, G·H)
+        if bias_ih is not None:
+            a = a + bias_ih
+        h = self._initial(xp, h0, a, self.state_size)
+        c = self._initial(xp, c0, a, self.hidden_size) if self.kind == "lstm" else h  # a placeholder
 
         def step(a_t: Any, v: Any, h: Any, c: Any) -> tuple[Any, Any]:
             h2, c2 = self._step(xp, a_t, h, c, weight_hh, bias_hh, weight_hr)

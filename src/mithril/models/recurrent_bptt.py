@@ -18,6 +18,10 @@ def bptt(op: Any, g: Any, out: Any, args: Any, wrt: Any) -> dict[str, Any]:
     w_hr = args.get("weight_hr")
     H, P, T = op.hidden_size, op.state_size, x.shape[0]
     lstm, off = op.kind == "lstm", int(op.lengths)
+    valid = None
+    if op.lengths:  # the padding is never read (forward's input = valid · input)
+        valid = (np.arange(T)[:, None] < args["lengths"])[..., None]
+        x = np.where(valid, x, 0)
     a = x @ w_ih.T + (0 if b_ih is None else b_ih)
     hs, cs = out[off][..., :P], (out[off + 1] if lstm else out[off])  # h: its first P features
     order = list(op._order(T))
@@ -29,9 +33,7 @@ def bptt(op: Any, g: Any, out: Any, args: Any, wrt: Any) -> dict[str, Any]:
         hp, cp = hs[t], cs[t]
     gh_seq = g[off][..., :P]  # the cotangents of the carried states
     gc_seq = g[off + 1] if lstm else None
-    valid = None
-    if op.lengths:  # outputs = valid · hidden states
-        valid = (np.arange(T)[:, None] < args["lengths"])[..., None]
+    if valid is not None:  # outputs = valid · hidden states
         gh_seq = gh_seq + g[0][..., :P] * valid
     da_all = np.zeros_like(a)  # cotangent of the input part, per step
     dw_hh = np.zeros_like(w_hh)
