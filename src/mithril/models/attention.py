@@ -161,6 +161,9 @@ class MultiHeadAttention(Operator):
         e = q[-1] if q is not None else None
         if e is not None and self.embed_dim is not None and e != self.embed_dim:
             raise ShapeError(f"{who}: 'query' has {e} features but embed_dim is {self.embed_dim}")
+        if e == 0:  # as torch's embed_dim > 0 (1/√0 and the init's 1/fan failed unnamed)
+            raise ShapeError(f"{who}: 'query' must have embed_dim > 0 features (its last "
+                             f"dimension), got {fmt(q)}")
         if e is not None and e % self.num_heads:
             raise ShapeError(f"{who}: embed_dim ({e}, the last dimension of 'query') must be "
                              f"divisible by num_heads ({self.num_heads})")

@@ -102,7 +102,12 @@ class ScaledDotProduct(Operator):
         _check_mask_dtype(dtypes, names, "ScaledDotProduct")
 
     def _scale(self, q: Any) -> float:
-        return self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        """``scale``, or 1/√E; with no features (E = 0) every score is an empty sum, 0, and
+        the weights are uniform, as torch's (its 1/√0 = inf never meets a score; ours would
+        make them 0·inf = NaN), so any finite default does."""
+        if self.scale is not None:
+            return self.scale
+        return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
 
     def _groups(self, query: Any, key: Any) -> int:
         """Query heads per key / value head (1 without ``enable_gqa``)."""
@@ -148,7 +153,7 @@ class ScaledDotProduct(Operator):
         n = self._groups(q, k)
         gq, gk, gv, gs = attend_vjp(g, q, *self._repeat(np, n, k, v), self._scale(q), keep, add, p)
         if n > 1:  # each key / value head's cotangent sums over the query heads that read it
-            gk, gv = (x.reshape((*x.shape[:-3], -1, n, *x.shape[-2:])).sum(axis=-3)
+            gk, gv = (x.reshape((*x.shape[:-3], x.shape[-3] // n, n, *x.shape[-2:])).sum(axis=-3)
                       for x in (gk, gv))
         res = {"query": unbroadcast(gq, q.shape), "key": unbroadcast(gk, k.shape),
                "value": unbroadcast(gv, v.shape)}

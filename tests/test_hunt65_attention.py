@@ -1,0 +1,81 @@
+"""Attention edge cases found in review, against torch side by side (float64, NumPy, torch
+and JAX): outputs and the gradient of every input.
+
+* ``ScaledDotProduct`` over features of size 0 (E = 0): torch gives uniform weights (the
+  mean of the values); the default scale 1/√0 raised ZeroDivisionError here.
+* ``MultiHeadAttention`` / ``AttentionWeights`` with a query of 0 features: a ShapeError
+  naming the query (torch refuses embed_dim=0); was a bare ZeroDivisionError.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKENDS, jax_float64, to_np
+
+import mithril as ml
+from mithril.errors import ShapeError
+from mithril.models import AttentionWeights
+
+TOL = 1e-12
+
+
+def _sdpa_case(backend_name, shapes, **options):
+    """Our output and input gradients, and torch's, for ``ScaledDotProduct(**options)``."""
+    backend = BACKENDS[backend_name](dtype="float64")
+    compiled = ml.compile(ml.ScaledDotProduct(**options), backend, shapes=shapes,
+                          trainable_keys=list(shapes))
+    rng = np.random.default_rng(0)
+    arrays = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    cot = rng.standard_normal(compiled.program.output_shape("output"))
+    out, grads = compiled.evaluate({k: backend.array(v) for k, v in arrays.items()}, {},
+                                   output_gradients={"output": backend.array(cot)})
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in arrays.items()}
+    want = F.scaled_dot_product_attention(t["query"], t["key"], t["value"], **options)
+    want_grads = torch.autograd.grad(want, list(t.values()), torch.tensor(cot))
+    got = {"output": to_np(backend, out["output"]),
+           **{k: to_np(backend, grads[k]) for k in t}}
+    ref = {"output": want.detach().numpy(), **{k: g.numpy() for k, g in zip(t, want_grads)}}
+    return got, ref
+
+
+ZERO_FEATURES = {
+    "default_scale": ({"query": (2, 4, 0), "key": (2, 5, 0), "value": (2, 5, 3)}, {}),
+    "causal": ({"query": (2, 4, 0), "key": (2, 5, 0), "value": (2, 5, 3)}, {"is_causal": True}),
+    "gqa": ({"query": (2, 4, 3, 0), "key": (2, 2, 5, 0), "value": (2, 2, 5, 3)},
+            {"enable_gqa": True}),
+}
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("case", list(ZERO_FEATURES))
+def test_sdpa_zero_features_equals_torch(case, backend_name):
+    shapes, options = ZERO_FEATURES[case]
+    if backend_name == "jax":
+        with jax_float64():
+            got, ref = _sdpa_case(backend_name, shapes, **options)
+    else:
+        got, ref = _sdpa_case(backend_name, shapes, **options)
+    for name, want in ref.items():
+        assert got[name].shape == want.shape, name
+        assert np.isfinite(got[name]).all(), name
+        np.testing.assert_allclose(got[name], want, rtol=0, atol=TOL, err_msg=name)
+    if not options:  # uniform weights: every query reads the mean of the values
+        rng = np.random.default_rng(0)  # the draws of _sdpa_case
+        v = [rng.standard_normal(s) for s in shapes.values()][2]
+        np.testing.assert_allclose(got["output"], np.broadcast_to(v.mean(-2, keepdims=True),
+                                                                  (2, 4, 3)), atol=TOL)
+
+
+@pytest.mark.parametrize("block", [lambda: ml.MultiHeadAttention(1),
+                                   lambda: AttentionWeights(1)])
+def test_attention_zero_embed_dim_is_a_named_shape_error(block):
+    model = ml.Model()
+    model |= block()(query="x", key="x", **({} if isinstance(block(), AttentionWeights)
+                                             else {"value": "x"}), output="output")
+    with pytest.raises(ShapeError, match=r"'query' must have embed_dim > 0 .*\[2, 3, 0\]"):
+        ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"x": [2, 3, 0]})
+    with pytest.raises(ValueError, match="embed_dim"):  # torch refuses it too
+        torch.nn.MultiheadAttention(0, 1)
