@@ -3,6 +3,9 @@ and JAX): outputs and the gradient of every input.
 
 * ``ScaledDotProduct`` over features of size 0 (E = 0): torch gives uniform weights (the
   mean of the values); the default scale 1/√0 raised ZeroDivisionError here.
+* ``ScaledDotProduct(enable_gqa=True)`` with 0 query and key heads: empty, as torch (the
+  heads check's 0 % 0 raised ZeroDivisionError); 0 key heads for 4 query heads (0 does not
+  divide 4): the named ShapeError (torch returns zeros).
 * ``MultiHeadAttention`` / ``AttentionWeights`` with a query of 0 features: a ShapeError
   naming the query (torch refuses embed_dim=0); was a bare ZeroDivisionError.
 """
@@ -41,18 +44,20 @@ def _sdpa_case(backend_name, shapes, **options):
     return got, ref
 
 
-ZERO_FEATURES = {
+ZERO_SIZED = {
     "default_scale": ({"query": (2, 4, 0), "key": (2, 5, 0), "value": (2, 5, 3)}, {}),
     "causal": ({"query": (2, 4, 0), "key": (2, 5, 0), "value": (2, 5, 3)}, {"is_causal": True}),
     "gqa": ({"query": (2, 4, 3, 0), "key": (2, 2, 5, 0), "value": (2, 2, 5, 3)},
             {"enable_gqa": True}),
+    "gqa_no_heads": ({"query": (2, 0, 3, 2), "key": (2, 0, 5, 2), "value": (2, 0, 5, 3)},
+                     {"enable_gqa": True}),
 }
 
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
-@pytest.mark.parametrize("case", list(ZERO_FEATURES))
-def test_sdpa_zero_features_equals_torch(case, backend_name):
-    shapes, options = ZERO_FEATURES[case]
+@pytest.mark.parametrize("case", list(ZERO_SIZED))
+def test_sdpa_zero_sized_equals_torch(case, backend_name):
+    shapes, options = ZERO_SIZED[case]
     if backend_name == "jax":
         with jax_float64():
             got, ref = _sdpa_case(backend_name, shapes, **options)
@@ -67,6 +72,12 @@ def test_sdpa_zero_features_equals_torch(case, backend_name):
         v = [rng.standard_normal(s) for s in shapes.values()][2]
         np.testing.assert_allclose(got["output"], np.broadcast_to(v.mean(-2, keepdims=True),
                                                                   (2, 4, 3)), atol=TOL)
+
+
+def test_sdpa_gqa_zero_key_heads_is_a_named_shape_error():
+    with pytest.raises(ShapeError, match=r"heads of 'key' / 'value' \(0, axis -3\) must divide"):
+        ml.compile(ml.ScaledDotProduct(enable_gqa=True), ml.NumpyBackend(dtype="float64"),
+                   shapes={"query": [2, 4, 3, 2], "key": [2, 0, 5, 2], "value": [2, 0, 5, 3]})
 
 
 @pytest.mark.parametrize("block", [lambda: ml.MultiHeadAttention(1),

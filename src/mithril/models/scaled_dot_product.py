@@ -84,7 +84,7 @@ class ScaledDotProduct(Operator):
             if k is not None and v is not None and not _same(k[-3], v[-3]):
                 raise ShapeError(f"{who}: 'key' and 'value' must have the same heads (axis -3) "
                                  f"with enable_gqa, got {fmt(k)} and {fmt(v)}")
-            if hq is not None and hk is not None and hq % hk:
+            if hq is not None and hk is not None and (hq % hk if hk else hq):  # 0 divides only 0
                 raise ShapeError(f"{who}: enable_gqa: the heads of 'key' / 'value' ({hk}, axis -3) "
                                  f"must divide the heads of 'query' {fmt(q)}, got {fmt(k)}")
             if q is not None and k is not None and v is not None:  # as if repeated to Hq heads
@@ -110,8 +110,8 @@ class ScaledDotProduct(Operator):
         return 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
 
     def _groups(self, query: Any, key: Any) -> int:
-        """Query heads per key / value head (1 without ``enable_gqa``)."""
-        return query.shape[-3] // key.shape[-3] if self.enable_gqa else 1
+        """Query heads per key / value head (1 without ``enable_gqa``, or with no heads)."""
+        return query.shape[-3] // key.shape[-3] if self.enable_gqa and key.shape[-3] else 1
 
     def _repeat(self, xp: Any, g: int, *xs: Any) -> tuple[Any, ...]:
         """Each head of ``xs`` repeated ``g`` times in place (axis -3), as torch's GQA."""
