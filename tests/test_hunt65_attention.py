@@ -90,3 +90,42 @@ def test_attention_zero_embed_dim_is_a_named_shape_error(block):
         ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"x": [2, 3, 0]})
     with pytest.raises(ValueError, match="embed_dim"):  # torch refuses it too
         torch.nn.MultiheadAttention(0, 1)
+
+
+def _run(factory, shapes, ref, backend_name):
+    """Our output and the gradient of every parameter and input of ``factory()`` (inputs
+    ``shapes``, all trainable), and torch's of ``ref(tensors)``; float64."""
+    backend = BACKENDS[backend_name](dtype="float64")
+    compiled = ml.compile(factory(), backend, shapes=shapes, trainable_keys=list(shapes))
+    rng = np.random.default_rng(1)
+    arrays = {k: rng.standard_normal(s) for k, s in compiled.parameter_shapes.items()}
+    cot = rng.standard_normal(compiled.program.output_shape("output"))
+    out, grads = compiled.evaluate({k: backend.array(v) for k, v in arrays.items()}, {},
+                                   output_gradients={"output": backend.array(cot)})
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in arrays.items()}
+    want = ref(t)
+    want_grads = torch.autograd.grad(want, list(t.values()), torch.tensor(cot))
+    got = {"output": to_np(backend, out["output"]),
+           **{k: to_np(backend, grads[k]) for k in t}}
+    return got, {"output": want.detach().numpy(), **{k: g.numpy() for k, g in zip(t, want_grads)}}
+
+
+def _assert_equal_torch(factory, shapes, ref, backend_name):
+    if backend_name == "jax":
+        with jax_float64():
+            got, want = _run(factory, shapes, ref, backend_name)
+    else:
+        got, want = _run(factory, shapes, ref, backend_name)
+    assert set(got) == set(want)
+    for name, w in want.items():
+        assert got[name].shape == w.shape, name
+        np.testing.assert_allclose(got[name], w, rtol=0, atol=TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("shape", [(2, 0, 6), (0, 6)])
+def test_positional_embedding_empty_sequence_equals_torch(shape, backend_name):
+    """L = 0: the NumPy VJP's reshape(-1, 0, 6) of the empty cotangent raised."""
+    _assert_equal_torch(lambda: ml.PositionalEmbedding(7, 6), {"input": shape},
+                        lambda t: t["input"] + t["positional_embedding.weight"][:0],
+                        backend_name)

@@ -78,7 +78,7 @@ class PositionalEmbedding(Operator):
             res["input"] = g
         if "weight" in wrt:
             gw = np.zeros_like(args["weight"])
-            gw[: g.shape[-2]] = g.reshape(-1, *g.shape[-2:]).sum(axis=0)
+            gw[: g.shape[-2]] = g.sum(axis=tuple(range(g.ndim - 2)))  # (an empty g too)
             res["weight"] = gw
         return res
 
