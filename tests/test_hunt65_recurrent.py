@@ -115,3 +115,32 @@ def _nan_padded_run(case: str, backend_name: str):
     got = {k: np.asarray(backend.to_numpy(v)) for k, v in out.items()}
     got.update({f"grad|{back.get(k, k)}": np.asarray(backend.to_numpy(v)) for k, v in grads.items()})
     return got, want
+
+
+@pytest.mark.parametrize("backend_name", [None, "numpy", "torch", "jax"])
+def test_params_from_torch_are_copies_a_torch_optimizer_step_leaves_alone(backend_name):
+    """``params_from_torch`` gave views of the torch tensors (NumPy's ``.numpy()``, and the
+    backends' arrays of those, JAX's included), so torch's in-place ``optimizer.step()``
+    changed the loaded params too: a side-by-side run then started ours from torch's
+    updated weights. Ours must keep the values they had when loaded: the output of torch's
+    module before its step."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 4, num_layers=2).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        want = ref(x)[0].numpy().copy()
+    ours = ml.LSTM(4, num_layers=2)
+    with jax_float64() if backend_name == "jax" else contextlib.nullcontext():
+        backend = {None: ml.NumpyBackend, "numpy": ml.NumpyBackend, "torch": ml.TorchBackend,
+                   "jax": ml.JaxBackend}[backend_name](dtype="float64")
+        params = ours.params_from_torch(ref.state_dict(),
+                                        backend=None if backend_name is None else backend)
+        opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+        ref(x)[0].sum().backward()
+        opt.step()  # in place, on ref's parameters
+        compiled = ml.compile(ours, backend, shapes={"input": [5, 2, 3]})
+        got = compiled.evaluate(params, {"input": backend.array(x.numpy())})["output"]
+        got = np.asarray(backend.to_numpy(got))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        assert not np.allclose(ref(x)[0].numpy(), want)  # (torch's module did change)

@@ -42,7 +42,8 @@ class _TorchNames:
         """This block's parameters from the ``state_dict()`` of the matching ``torch.nn``
         module (``torch.nn.LSTM(I, H, num_layers, bias, bidirectional=...)``, ...), keyed by
         mithril name (see :meth:`torch_names` for ``prefix``): NumPy arrays, or ``backend``'s
-        arrays when a backend is given. Missing or unexpected keys (``proj_size``'s
+        arrays when a backend is given; new arrays, never views of the torch tensors (as
+        :func:`mithril.interop.params_from_torch`'s). Missing or unexpected keys (``proj_size``'s
         ``weight_hr_*``, another ``num_layers``) are a ``KeyMismatchError``, a wrong shape a
         ``ShapeError``, before anything is converted."""
         pairs = self._torch_pairs()
@@ -64,6 +65,7 @@ class _TorchNames:
         out = {}
         for t, m, _, _ in pairs:
             v = state_dict[t]
-            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            # a copy: a view would follow the torch module's in-place updates (optimizer.step())
+            v = np.array(v.detach().cpu().numpy() if hasattr(v, "detach") else v, copy=True)
             out[prefix + m] = v if backend is None else backend.array(v)
         return out
