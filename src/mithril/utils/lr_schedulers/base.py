@@ -106,11 +106,17 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 def _check_milestones(name: str, milestones: Any, *, any_order: bool = False) -> list[int]:
-    """Integers ``>= 0``, non-decreasing (a repeat: a phase of no steps), or with
-    ``any_order`` sorted (a repeat counts once per occurrence: torch's ``Counter``)."""
-    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
-        raise ValueError(f"{name} must be a sequence of integers, got {describe(milestones)}")
-    out = [_check_int(f"{name}[{i}]", m, minimum=0) for i, m in enumerate(milestones)]
+    """Integers ``>= 0`` of a list, tuple, set or array (torch iterates them), non-decreasing
+    (a repeat: a phase of no steps), or with ``any_order`` sorted (a repeat counts once per
+    occurrence: torch's ``Counter``). Not a one-shot iterator: each group's lane reads them."""
+    try:
+        ok = not isinstance(milestones, (str, bytes, Mapping)) and iter(milestones) is not milestones
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a list of integers, got {describe(milestones)}")
+    out = [_check_int(f"{name}[{i}]", m.item() if getattr(m, "ndim", None) == 0 else m,
+                      minimum=0) for i, m in enumerate(milestones)]
     if any_order:
         return sorted(out)
     for prev, cur in zip(out, out[1:], strict=False):
