@@ -144,3 +144,19 @@ def test_params_from_torch_are_copies_a_torch_optimizer_step_leaves_alone(backen
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     with torch.no_grad():
         assert not np.allclose(ref(x)[0].numpy(), want)  # (torch's module did change)
+
+
+def test_a_cell_state_given_to_rnn_or_gru_is_not_sent_to_initial_states():
+    """torch's RNN / GRU take no c0 (``gru(x, (h0, c0))`` is a torch error), so connecting
+    ``initial_cell`` to ours must not say that ``initial_states=True`` would give it (it said
+    so; that block has no ``initial_cell`` either). An LSTM's still does."""
+    from mithril.errors import KeyMismatchError
+    for block in (ml.GRU(4), ml.RNN(4), ml.GRU(4, initial_states=True)):
+        with pytest.raises(KeyMismatchError, match=r"no terminal\(s\) \['initial_cell'\]") as e:
+            block(input="x", initial_cell="c")
+        assert "initial_states=True" not in str(e.value)
+    ml.GRU(4, initial_states=True)(input="x", initial_hidden="h")  # (its h0 it takes)
+    with pytest.raises(KeyMismatchError, match=r"\['initial_cell'\]: .*initial_states=True"):
+        ml.LSTM(4)(input="x", initial_cell="c")
+    with pytest.raises(AttributeError):  # torch: a GRU's hx is one tensor, no (h0, c0)
+        torch.nn.GRU(3, 4)(torch.zeros(2, 1, 3), (torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)))

@@ -511,7 +511,8 @@ class _Sequence(Model, _TorchNames):
         """As :meth:`Model.connect`; connecting ``initial_hidden`` / ``initial_cell`` to a
         block made with ``initial_states=False`` (the default) is a ``KeyMismatchError`` that
         says how to get them."""
-        asked = sorted(k for k in self._STATE_KEYS if k in connections and k not in self.terminals)
+        own = self._STATE_KEYS if self.kind == "lstm" else self._STATE_KEYS[:1]  # (no cell)
+        asked = sorted(k for k in own if k in connections and k not in self.terminals)
         if asked and not self.initial_states:
             raise KeyMismatchError(
                 f"{type(self).__name__} has no terminal(s) {asked}: its initial states are zero "
