@@ -129,3 +129,36 @@ def test_positional_embedding_empty_sequence_equals_torch(shape, backend_name):
     _assert_equal_torch(lambda: ml.PositionalEmbedding(7, 6), {"input": shape},
                         lambda t: t["input"] + t["positional_embedding.weight"][:0],
                         backend_name)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "jax"])
+@pytest.mark.parametrize("average", [True, False])
+def test_attention_weights_half_precision_rounds_once(average, backend_name):
+    """AttentionWeights in float16 over 4096 keys computes its projections and softmax in
+    float32 and rounds once, as MultiHeadAttention (the half-precision rule): within one ulp
+    of torch's float64 need_weights=True weights of the same float16 numbers (was ~11 ulps,
+    the projections and exponentials rounded to float16 on NumPy / JAX)."""
+    e, heads, n_query, n_key = 16, 2, 8, 4096
+    rng = np.random.default_rng(0)
+    half = {"query": (2, n_query, e), "key": (2, n_key, e),
+            "attention_weights.in_proj_weight": (3 * e, e),
+            "attention_weights.in_proj_bias": (3 * e,)}
+    arrays = {k: (rng.standard_normal(s) * (0.3 if "." in k else 1.0)).astype(np.float16)
+              for k, s in half.items()}
+    model = ml.Model()
+    model |= AttentionWeights(heads, average)(query="query", key="key", output="output")
+    backend = BACKENDS[backend_name](dtype="float16")
+    compiled = ml.compile(model, backend, shapes={"query": half["query"], "key": half["key"]})
+    params = {k: backend.array(v) for k, v in arrays.items() if "." in k}
+    out = compiled.evaluate(params, {k: backend.array(arrays[k]) for k in ("query", "key")})
+    got = np.asarray(out["output"]).astype(np.float64)
+
+    mha = torch.nn.MultiheadAttention(e, heads, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.tensor(arrays["attention_weights.in_proj_weight"]))
+        mha.in_proj_bias.copy_(torch.tensor(arrays["attention_weights.in_proj_bias"]))
+        q, k = (torch.tensor(arrays[n].astype(np.float64)) for n in ("query", "key"))
+        want = mha(q, k, k, need_weights=True, average_attn_weights=average)[1].numpy()
+    ulp = np.spacing(np.abs(want.astype(np.float16))).astype(np.float64)
+    assert got.shape == want.shape
+    assert float((np.abs(got - want) / ulp).max()) <= 1.0

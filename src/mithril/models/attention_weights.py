@@ -7,7 +7,9 @@ key, masks and in-projection (connect its ``in_proj_weight`` / ``in_proj_bias`` 
 names as the attention's, so they are one parameter) and gives softmax(q·kᵀ/√d + masks) per
 head (…, num_heads, L, S), or their mean over the heads (…, L, S) with
 ``average_attn_weights=True``, as torch. A row whose keys are all masked is zeros (torch: NaN).
-The value rows of the in-projection get zero gradient from it.
+The value rows of the in-projection get zero gradient from it. float16 / bfloat16 inputs
+are computed in float32 and rounded once on NumPy and JAX, as the attention's
+(:mod:`.half_precision`).
 
 With ``add_bias_kv`` (connect ``bias_k`` to the attention's; ``bias_v`` takes no part) and
 ``add_zero_attn`` the weights cover the extra keys too, (…, L, S + 1 or 2), as torch's. With
@@ -24,6 +26,7 @@ import numpy as np
 
 from .attention import MultiHeadAttention
 from .attention_core import _swap, append_rows, attention_probs
+from .half_precision import float32_forward, float32_vjp
 from .operator import Operator, backend_of, unbroadcast
 
 #: the attention's parameters this block does not read
@@ -75,6 +78,7 @@ class AttentionWeights(MultiHeadAttention):
                         + ([None] if self.add_zero_attn else []))
         return self._heads(q), self._heads(k), wq, wk
 
+    @float32_forward
     def forward(self, xp: Any, query: Any, key: Any, in_proj_bias: Any = None,
                 attn_mask: Any = None, key_padding_mask: Any = None, bias_k: Any = None,
                 ctx: Any = None, **in_proj: Any) -> Any:
@@ -87,6 +91,7 @@ class AttentionWeights(MultiHeadAttention):
             p = p * drop
         return p.mean(-3) if self.average_attn_weights else p
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         query, key, b = args["query"], args["key"], args.get("in_proj_bias")
         mask, pad = args.get("attn_mask"), args.get("key_padding_mask")
