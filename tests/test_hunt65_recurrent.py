@@ -61,6 +61,8 @@ def _nan_padded_case(kind: str, opts: dict):
     ins = {"input": x, "initial_hidden": rng.standard_normal((k, n, hp))}
     cots = {"output": rng.standard_normal(x.shape[:-1] + (d * hp,)),
             "hidden": rng.standard_normal((k, n, hp))}
+    for row, length in enumerate(lengths):  # torch's pad_packed_sequence never reads these
+        (cots["output"][row, length:] if bf else cots["output"][length:, row])[...] = np.nan
     if kind == "LSTM":
         ins["initial_cell"] = rng.standard_normal((k, n, h))
         cots["cell"] = rng.standard_normal((k, n, h))
@@ -91,7 +93,9 @@ def test_lengths_never_read_the_padding_as_torchs_packed_sequences(case, backend
     """NaN past each sequence's length: torch's ``pack_padded_sequence`` never reads it, so
     its outputs, states and every gradient are finite, the padding's gradient zero. Ours
     computed every step's input projection over the padding too, and the zero cotangents
-    there times NaN made every gradient NaN (the outputs were right)."""
+    there times NaN made every gradient NaN (the outputs were right). The same for NaN in
+    ``output``'s cotangent past the lengths, which ``pad_packed_sequence``'s backward drops:
+    NumPy's BPTT multiplied it by 0 (NaN), the other backends' ``where`` dropped it."""
     with jax_float64() if backend_name == "jax" else contextlib.nullcontext():
         got, want = _nan_padded_run(case, backend_name)
     assert set(got) == set(want)

@@ -33,8 +33,8 @@ def bptt(op: Any, g: Any, out: Any, args: Any, wrt: Any) -> dict[str, Any]:
         hp, cp = hs[t], cs[t]
     gh_seq = g[off][..., :P]  # the cotangents of the carried states
     gc_seq = g[off + 1] if lstm else None
-    if valid is not None:  # outputs = valid · hidden states
-        gh_seq = gh_seq + g[0][..., :P] * valid
+    if valid is not None:  # outputs = where(valid, hidden states, 0): the padding's never read
+        gh_seq = gh_seq + np.where(valid, g[0][..., :P], 0)
     da_all = np.zeros_like(a)  # cotangent of the input part, per step
     dw_hh = np.zeros_like(w_hh)
     db_hh = np.zeros(w_hh.shape[0], dtype=w_hh.dtype)
