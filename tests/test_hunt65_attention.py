@@ -162,3 +162,21 @@ def test_attention_weights_half_precision_rounds_once(average, backend_name):
     ulp = np.spacing(np.abs(want.astype(np.float16))).astype(np.float64)
     assert got.shape == want.shape
     assert float((np.abs(got - want) / ulp).max()) <= 1.0
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("scale", [np.float32(0.75), np.int64(2), np.float16(0.5)])
+def test_sdpa_numpy_scalar_scale_equals_torch(scale, backend_name):
+    """``scale`` as a NumPy scalar (``np.float32``, ``np.int64``), which torch's
+    ``F.scaled_dot_product_attention`` takes, was refused ('must be a number')."""
+    shapes = {"query": (2, 4, 3), "key": (2, 5, 3), "value": (2, 5, 2)}
+    _assert_equal_torch(lambda: ml.ScaledDotProduct(is_causal=True, scale=scale), shapes,
+                        lambda t: F.scaled_dot_product_attention(
+                            t["query"], t["key"], t["value"], is_causal=True, scale=scale),
+                        backend_name)
+
+
+@pytest.mark.parametrize("scale", [True, np.bool_(True), "0.5", np.array([0.5])])
+def test_sdpa_scale_that_is_not_a_number_is_refused(scale):
+    with pytest.raises(ValueError, match="scale must be a number or None"):
+        ml.ScaledDotProduct(scale=scale)

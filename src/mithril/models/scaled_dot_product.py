@@ -59,7 +59,8 @@ class ScaledDotProduct(Operator):
         if is_causal and use_attn_mask:
             raise ValueError("ScaledDotProduct: is_causal and use_attn_mask exclude each other "
                              "(as torch); give one attn_mask that combines both")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        if scale is not None and (isinstance(scale, (bool, np.bool_)) or not isinstance(
+                scale, (int, float, np.integer, np.floating))):  # NumPy scalars as torch
             raise ValueError(f"ScaledDotProduct: scale must be a number or None, got {scale!r}")
         self.is_causal, self.use_attn_mask = bool(is_causal), bool(use_attn_mask)
         self.scale = None if scale is None else float(scale)
