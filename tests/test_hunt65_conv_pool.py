@@ -51,3 +51,32 @@ def test_linear_upsample_same_size_axis_is_copied(backend, mode, shape, scale):
     x = np.random.default_rng(0).standard_normal(shape)
     _compare(lambda **k: ml.Upsample(scale_factor=scale, mode=mode)(**k), x,
              lambda t: F.interpolate(t, scale_factor=scale, mode=mode), backend)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("mode, shape, padding", [
+    ("reflect", (2, 1, 3), (-1, 2)),             # [1, 2, 3] -> [2, 3, 2, 1]
+    ("reflect", (1, 2, 3), (2, -2)),             # 2 < 3 but more than the 1 element left
+    ("reflect", (1, 2, 3), (-4, 2)),             # cropped past the input, into the padding
+    ("replicate", (1, 2, 1), (3, -2)),           # [x0, x0]
+    ("replicate", (1, 2, 3), (-3, 1)),           # the right padding only
+    ("reflect", (3, 3, 4), (-1, 2, 2, -1)),      # unbatched 2-D
+    ("replicate", (2, 3, 2, 2), (-2, 1, 0, 2, 1, -1)),
+])
+def test_pad_negative_reflect_replicate_pads_then_crops(backend, mode, shape, padding):
+    """torch's reflect / replicate kernels pad the whole input and crop the result, their
+    limits on the input's size: F.pad([1, 2, 3], (-1, 2), "reflect") is [2, 3, 2, 1]. Ours
+    cropped first and refused these valid calls (a ShapeError about the cropped size)."""
+    x = np.random.default_rng(0).standard_normal(shape)
+    unbatched = len(shape) == len(padding) // 2 + 1
+    _compare(lambda **k: ml.Pad(padding, mode=mode)(**k), x,
+             lambda t: F.pad(t[None], padding, mode=mode)[0] if unbatched
+             else F.pad(t, padding, mode=mode), backend)
+
+
+def test_pad_negative_reflect_leaving_nothing_is_refused():
+    """torch refuses an output without an element ("input is too small"); so do we, by name."""
+    model = ml.Model()
+    model |= ml.ReflectionPad1D((-2, -1))(input="input", output="output")
+    with pytest.raises(ml.ShapeError, match="ReflectionPad1D.*negative padding"):
+        ml.compile(model, ml.NumpyBackend(), shapes={"input": [1, 2, 3]})

@@ -15,10 +15,14 @@ as torch's modules). ``mode``:
 
 Inputs (N, C, L) / (C, L) for 1-D, (N, C, H, W) / (C, H, W) for 2-D and (N, C, D, H, W) /
 (C, D, H, W) for 3-D, as torch's reflection
-and replication modules take them. A negative padding crops that side first (as ``F.pad``:
-the mode then pads the cropped input; its limits are on the cropped size). Forward: ``F.pad`` on torch, ``pad`` (constant) or a gather of the source
-index per axis on NumPy / JAX. The NumPy VJP adds each padded position's cotangent onto the
-input element it copies (constant: the cotangent cropped).
+and replication modules take them. A negative padding crops that side, as ``F.pad``: with
+``"reflect"`` and ``"replicate"`` the whole input is padded and the result cropped (torch's
+kernels: ``F.pad([1, 2, 3], (-1, 2), "reflect")`` is [2, 3, 2, 1]; the reflect limit is on
+the input's size, and the output must keep an element); ``"constant"`` and ``"circular"`` crop
+first and pad the cropped input (the circular limit on the cropped size). Forward: ``F.pad`` on
+torch, ``pad`` (constant) or a gather of the source index per axis on NumPy / JAX. The NumPy
+VJP adds each output position's cotangent onto the input element it copies (constant: the
+cotangent cropped).
 """
 
 from __future__ import annotations
@@ -95,12 +99,27 @@ class Pad(Operator):
     def layout(self) -> str:
         return {1: "N, C, L", 2: "N, C, H, W", 3: "N, C, D, H, W"}[self.nd]
 
+    @property
+    def pads_first(self) -> bool:
+        """torch's reflect and replicate kernels pad the whole input, then crop."""
+        return self.mode in ("reflect", "replicate")
+
     def _check(self, spatial: Sequence[int | None]) -> None:
         who = type(self).__name__
-        spatial = [None if n is None else n - a - b for n, (a, b) in zip(spatial, self.crops)]
-        if any(n is not None and n < 0 for n in spatial):  # torch: size 0 is fine
-            raise ShapeError(f"{who}: the negative padding {self.padding} crops more than the "
-                             f"input's last {self.nd} axes hold (sizes {tuple(spatial)} left)")
+        if self.pads_first:
+            out = [None if n is None else n + lo + hi - a - b
+                   for n, (lo, hi), (a, b) in zip(spatial, self.pads, self.crops)]
+            if any(n is not None and n > 0 and o is not None and o < 1
+                   for n, o in zip(spatial, out)):  # torch: "input ... is too small"
+                raise ShapeError(f"{who}: the negative padding {self.padding} leaves no element "
+                                 f"of the padded input's last {self.nd} axes (output sizes "
+                                 f"{tuple(out)}; mode={self.mode!r} needs at least 1)")
+        else:
+            spatial = [None if n is None else n - a - b for n, (a, b) in zip(spatial, self.crops)]
+            if any(n is not None and n < 0 for n in spatial):  # torch: size 0 is fine
+                raise ShapeError(f"{who}: the negative padding {self.padding} crops more than "
+                                 f"the input's last {self.nd} axes hold (sizes {tuple(spatial)} "
+                                 f"left)")
         if self.mode == "constant":
             return
         if self.mode == "replicate" and any(n == 0 for n in spatial):
@@ -138,12 +157,21 @@ class Pad(Operator):
             return F.pad(input, self.padding, mode=self.mode)
         self._check(input.shape[-self.nd:])  # a size left free at compile time
         lead = len(input.shape) - self.nd
-        input = input[self._cropped(input.shape)]
+        input = input[self._cropped(input.shape)] if not self.pads_first else input
         if self.mode == "constant":
             return xp.pad(input, ((0, 0),) * lead + self.pads, constant_values=self.value)
-        for ax, (lo, hi) in enumerate(self.pads, start=lead):
-            input = xp.take(input, source_index(input.shape[ax], lo, hi, self.mode), axis=ax)
+        for ax, src in enumerate(self._sources(input.shape), start=lead):
+            input = xp.take(input, src, axis=ax)
         return input
+
+    def _sources(self, shape: Sequence[int]) -> list[np.ndarray]:
+        """Per padded axis, the position of ``shape`` (the input, or for circular mode the
+        cropped input) each output position copies."""
+        out = []
+        for n, (lo, hi), (a, b) in zip(shape[-self.nd:], self.pads, self.crops):
+            src = source_index(n, lo, hi, self.mode)
+            out.append(src[a:len(src) - b] if self.pads_first else src)
+        return out
 
     def vjp(self, g, out, args, wrt):
         lead = g.ndim - self.nd
@@ -151,15 +179,24 @@ class Pad(Operator):
             g = g[(slice(None),) * lead + tuple(
                 slice(lo, g.shape[ax] - hi) for ax, (lo, hi) in enumerate(self.pads, lead))]
             return {"input": self._uncrop(g.copy(), args["input"].shape)}
-        for ax in reversed(range(lead, g.ndim)):  # each padded position onto its source
-            lo, hi = self.pads[ax - lead]
-            n = g.shape[ax] - lo - hi
-            src = source_index(n, lo, hi, self.mode)
+        shape = args["input"].shape
+        if not self.pads_first:
+            shape = np.zeros(shape, bool)[self._cropped(shape)].shape
+        sources = self._sources(shape)
+        for ax in reversed(range(lead, g.ndim)):  # each output position onto its source
+            lo, src, n = self.pads[ax - lead][0], sources[ax - lead], shape[ax]
+            a = self.crops[ax - lead][0] if self.pads_first else 0  # circular: cropped first
+            # the run copied in order: output o reads o + a - lo (one of lo and a is 0)
+            o_lo = min(max(lo - a, 0), g.shape[ax])
+            o_hi = max(o_lo, min(g.shape[ax], n + lo - a))
             gm = np.moveaxis(g, ax, -1)
-            acc = gm[..., lo:lo + n].copy()
-            for j in (*range(lo), *range(lo + n, lo + n + hi)):
+            acc = np.zeros((*gm.shape[:-1], n), g.dtype)
+            acc[..., o_lo + a - lo:o_hi + a - lo] = gm[..., o_lo:o_hi]
+            for j in (*range(o_lo), *range(o_hi, g.shape[ax])):
                 acc[..., src[j]] += gm[..., j]
             g = np.moveaxis(acc, -1, ax)
+        if self.pads_first:
+            return {"input": np.ascontiguousarray(g)}
         return {"input": self._uncrop(g, args["input"].shape)}
 
     def _cropped(self, shape: Sequence[int]) -> tuple[slice, ...]:
