@@ -164,3 +164,27 @@ def test_a_cell_state_given_to_rnn_or_gru_is_not_sent_to_initial_states():
         ml.LSTM(4)(input="x", initial_cell="c")
     with pytest.raises(AttributeError):  # torch: a GRU's hx is one tensor, no (h0, c0)
         torch.nn.GRU(3, 4)(torch.zeros(2, 1, 3), (torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)))
+
+
+@pytest.mark.parametrize("backend_name", [None, "numpy", "torch"])
+def test_params_from_torch_of_a_bfloat16_module(backend_name):
+    """A bfloat16 torch module's ``state_dict`` was torch's own ``TypeError`` (``.numpy()``
+    has no bfloat16), where ``mithril.interop.params_from_torch`` takes it. Now the values
+    load exactly, in bfloat16 (ml_dtypes' for NumPy), and the block runs as torch's."""
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(3, 4, num_layers=2).bfloat16()
+    ours = ml.GRU(4, num_layers=2)
+    backend = (ml.TorchBackend if backend_name == "torch" else ml.NumpyBackend)(dtype="bfloat16")
+    params = ours.params_from_torch(ref.state_dict(),
+                                    backend=None if backend_name is None else backend)
+    for t, m in ours.torch_names().items():
+        got = np.asarray(backend.to_numpy(params[m]))
+        assert got.dtype.name == "bfloat16" or backend_name == "torch"
+        np.testing.assert_array_equal(got.astype(np.float32), ref.state_dict()[t].float().numpy())
+    x = torch.randn(5, 2, 3).bfloat16()
+    compiled = ml.compile(ours, backend, shapes={"input": [5, 2, 3]})
+    out = compiled.evaluate(params, {"input": backend.array(x.float().numpy())})["output"]
+    with torch.no_grad():
+        want = ref(x)[0].float().numpy()
+    np.testing.assert_allclose(np.asarray(backend.to_numpy(out)).astype(np.float32), want,
+                               rtol=0, atol=2e-2)

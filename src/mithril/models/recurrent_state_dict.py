@@ -64,8 +64,20 @@ class _TorchNames:
                                  f"got {fmt(shape)}")
         out = {}
         for t, m, _, _ in pairs:
-            v = state_dict[t]
-            # a copy: a view would follow the torch module's in-place updates (optimizer.step())
-            v = np.array(v.detach().cpu().numpy() if hasattr(v, "detach") else v, copy=True)
+            v = _numpy_copy(state_dict[t])
             out[prefix + m] = v if backend is None else backend.array(v)
         return out
+
+
+def _numpy_copy(v: Any) -> np.ndarray:
+    """A new NumPy array of a torch tensor's or an array's values (a view would follow the
+    torch module's in-place updates, ``optimizer.step()``); torch's bfloat16 as ml_dtypes'
+    (NumPy has none: the NumPy backend's bfloat16)."""
+    if not hasattr(v, "detach"):
+        return np.array(v, copy=True)
+    v = v.detach().cpu()
+    if str(v.dtype) != "torch.bfloat16":
+        return v.numpy().copy()
+    import ml_dtypes
+
+    return v.float().numpy().astype(ml_dtypes.bfloat16)  # (exact: via float32)
