@@ -84,3 +84,80 @@ def test_milestones_refused_change_nothing(bad) -> None:
     with pytest.raises(ValueError, match="milestones"):
         sched.milestones = bad
     assert sched.state_dict() == state and _rates(opt) == before
+
+
+def _torch_run(make, steps: int) -> list[list[float]]:
+    _, ref = _pair()
+    sched = make(ref)
+    out = [[g["lr"] for g in ref.param_groups]]
+    for _ in range(steps):
+        ref.step()
+        sched.step()
+        out.append([g["lr"] for g in ref.param_groups])
+    return out
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return all(abs(x - y) <= REL * max(abs(x), abs(y)) for x, y in zip(a, b, strict=True))
+
+
+# a function set between steps (sched.scale_fn = f, sched.lr_lambda = f) reached the
+# optimizer's own lane only: per group, the groups kept the old one (and CyclicLR's state
+# dict then fit no scheduler); CyclicLR's scale_fn was not checked (a string failed at the
+# next step with Python's "'str' object is not callable")
+def test_cyclic_scale_fn_set_mid_run_reaches_every_group() -> None:
+    def scale(c: float) -> float:
+        return 0.8 ** c
+
+    bounds = dict(base_lr=[0.01, 0.001, 0.02], max_lr=[0.1, 0.05, 0.3], step_size_up=3,
+                  step_size_down=2)
+    want = _torch_run(lambda o: ls.CyclicLR(o, **bounds, scale_fn=scale), 30)
+    opt, _ = _pair()
+    sched = S.CyclicLR(opt, **bounds)
+    for _ in range(6):
+        sched.step()
+    sched.scale_fn = scale
+    for t in range(7, 31):
+        sched.step()
+        assert _close(sched.get_last_lrs(), want[t]) and _close(_rates(opt), want[t]), t
+    state = sched.state_dict()
+    assert [g["custom_scale_fn"] for g in state["groups"]] == [True, True]
+    resumed = S.CyclicLR(_pair()[0], **bounds, scale_fn=scale)
+    resumed.load_state_dict(state)
+    assert resumed.get_last_lrs() == sched.get_last_lrs()
+    for bad in ("triangular", 3, [scale, scale, scale]):
+        with pytest.raises(TypeError, match="scale_fn"):
+            sched.scale_fn = bad
+        assert sched.state_dict() == state and _close(_rates(opt), want[30])
+        assert all(lane.scale_fn is scale for lane in (sched, *sched._siblings))
+
+
+@pytest.mark.parametrize("kind", ["LambdaLR", "MultiplicativeLR"])
+def test_lr_lambda_set_mid_run_reaches_every_group(kind: str) -> None:
+    def first(t: int) -> float:
+        return 0.9 ** t if kind == "LambdaLR" else 0.9
+
+    def then(t: int) -> float:
+        return 1.0 / (1 + t) if kind == "LambdaLR" else 1.05
+
+    opt, _ = _pair()
+    sched = getattr(S, kind)(opt, [first] * 3)
+    for _ in range(5):
+        sched.step()
+    at5 = sched.get_last_lrs()
+    sched.lr_lambda = then  # one function: every group's
+    for _ in range(10):
+        sched.step()
+    if kind == "LambdaLR":  # the closed form with the new function, torch's LambdaLR(then)
+        assert _close(sched.get_last_lrs(), _torch_run(lambda o: ls.LambdaLR(o, then), 15)[15])
+    else:  # it goes on multiplying from the rate it had: torch's product
+        assert _close(sched.get_last_lrs(), [lr * 1.05 ** 10 for lr in at5])
+    assert _close(_rates(opt), sched.get_last_lrs())
+    state, rates = sched.state_dict(), _rates(opt)
+    for bad, error in ((3, TypeError), ([first, first, "x"], TypeError), ([first], ValueError)):
+        with pytest.raises(error, match="lr_lambda"):
+            sched.lr_lambda = bad
+        assert sched.state_dict() == state and _rates(opt) == rates
+        assert all(lane.lr_lambda is then for lane in (sched, *sched._siblings))
+    with pytest.raises(AttributeError, match="lr_lambda"):  # a misspelling changed no step
+        sched.lr_lamda = then

@@ -43,10 +43,15 @@ def lanes_of(sched: Any) -> list[Any]:
     return [sched, *(d.get("_siblings") or d.get("_lane_mates", ()))]
 
 
+#: the functions a scheduler calls (``LambdaLR``'s ``lr_lambda``, ``CyclicLR``'s
+#: ``scale_fn``): set as the hyperparameters are, on every lane, though no state dict holds them
+FUNCTIONS = ("lr_lambda", "scale_fn")
+
+
 def settable(sched: Any) -> tuple[str, ...]:
     """The attributes set through :func:`set_hyperparameter`."""
     extra = ("base_momentum", "max_momentum") if hasattr(sched, "_set_momentum_bounds") else ()
-    return (*sched._HPARAMS, *extra)
+    return (*sched._HPARAMS, *extra, *(n for n in FUNCTIONS if n in sched.__dict__))
 
 
 def meant(sched: Any, name: str) -> str:
@@ -102,7 +107,8 @@ def set_hyperparameter(sched: Any, name: str, value: Any) -> None:
                              f"takes one, or one per parameter group ({len(lanes)} here: the "
                              f"optimizer's own parameters first)")
         values = list(value)
-    backups = [lane.state_dict() for lane in lanes]
+    backups = [(lane.state_dict(), {n: lane.__dict__[n] for n in FUNCTIONS if n in lane.__dict__})
+               for lane in lanes]
     try:
         for lane, v in zip(lanes, values, strict=True):
             lane.__dict__["_inside"] = True  # (its own checks set the attributes)
@@ -111,6 +117,9 @@ def set_hyperparameter(sched: Any, name: str, value: Any) -> None:
             finally:
                 del lane.__dict__["_inside"]
     except Exception:
-        for lane, b in zip(lanes, backups, strict=True):
+        for lane, (b, functions) in zip(lanes, backups, strict=True):
+            lane.__dict__.update(functions)  # (first: CyclicLR's state names its scale_fn)
+            if "_memo" in lane.__dict__:  # (MultiplicativeLR's products of the other one)
+                lane.__dict__["_memo"] = None
             lane._load(b)
         raise

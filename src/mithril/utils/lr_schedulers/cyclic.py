@@ -174,6 +174,16 @@ class CyclicLR(MomentumCycle, LRScheduler):
             return self.max_momentum - base_height * self._scale(cycle)
         return self.max_momentum - base_height * self._scale(t)
 
+    def _set_hyperparameter(self, name: str, value: Any) -> None:
+        if name != "scale_fn":
+            super()._set_hyperparameter(name, value)
+            return
+        # why: set as a plain attribute it was unchecked (a string failed at the next step)
+        # and reached the optimizer's own lane only, per group
+        self.scale_fn = None if value is None else _check_callable("scale_fn", value)
+        # (without one, the mode fixes scale_mode again, as the constructor)
+        self._configure(**{n: getattr(self, n) for n in self._HPARAMS})
+
     def _rebase(self, lr: float) -> None:
         """No-op: the cycle's bounds are explicit (``base_lr``, ``max_lr``)."""
 

@@ -38,14 +38,22 @@ def _call_number(name: str, fn: Callable[[Any], Any], arg: Any) -> float:
 
 
 class _NewLambda:
-    """``sched.lr_lambda = f`` after construction: checked as the constructor checks it, and
-    what was cached for the old function (MultiplicativeLR's product) dropped."""
+    """``sched.lr_lambda = f`` after construction: checked as the constructor checks it, on
+    every lane (a list: one per lane, as the constructor's), and what was cached for the old
+    function (MultiplicativeLR's product) dropped."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "lr_lambda":
+        d = self.__dict__
+        if name == "lr_lambda" and ("_made" not in d or "_inside" in d):  # (else: attributes.py)
             value = _check_callable("lr_lambda", value)
             object.__setattr__(self, "_memo", None)
         super().__setattr__(name, value)
+
+    def _set_hyperparameter(self, name: str, value: Any) -> None:
+        if name == "lr_lambda":
+            self.lr_lambda = value
+        else:
+            super()._set_hyperparameter(name, value)  # type: ignore[misc]
 
 
 class LambdaLR(_NewLambda, LRScheduler):
