@@ -188,3 +188,43 @@ def test_params_from_torch_of_a_bfloat16_module(backend_name):
         want = ref(x)[0].float().numpy()
     np.testing.assert_allclose(np.asarray(backend.to_numpy(out)).astype(np.float32), want,
                                rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_published_cells_output_their_published_keys_only(kind):
+    """The published ``RNNCell`` / ``LSTMCell`` output ``hidden``, ``hidden_compl`` and
+    ``output`` (and ``cell``); ours also exposed their unnamed inner wires (``output_1`` ..
+    ``output_9``: x·w_hhᵀ + ..., the gates, ...), which ``evaluate`` returned and errors
+    listed. One step against torch, the state's extra row passed on as ``hidden_compl``."""
+    rng = np.random.default_rng(3)
+    n, m, i, h, o = 2, 3, 3, 4, 2
+    data = {"input": rng.standard_normal((n, 1, i)), "prev_hidden": rng.standard_normal((m, 1, h))}
+    if kind == "rnn":
+        cell = ml.PublishedRNNCell()
+        w = {"w_ih": (h, i), "w_hh": (h, h), "bias_h": (h,), "w_ho": (o, h), "bias_o": (o,)}
+    else:
+        cell = ml.PublishedLSTMCell()
+        data["prev_cell"] = rng.standard_normal((m, 1, h))
+        w = {**{f"w_{g}": (h, i + h) for g in "fico"}, **{f"bias_{g}": (h,) for g in "fico"},
+             "w_out": (o, h), "bias_out": (o,)}
+    params = {k: rng.standard_normal(s) * 0.5 for k, s in w.items()}
+    want_keys = {"hidden", "hidden_compl", "output"} | ({"cell"} if kind == "lstm" else set())
+    assert set(cell.output_keys) == want_keys
+    compiled = ml.compile(cell, ml.NumpyBackend(dtype="float64"),
+                          shapes={k: v.shape for k, v in {**data, **params}.items()})
+    out = compiled.evaluate(params, data)
+    assert set(out) == want_keys
+    t = {k: torch.tensor(v) for k, v in {**data, **params}.items()}
+    hp = t["prev_hidden"][:n]
+    if kind == "rnn":
+        hid = torch.tanh(t["input"] @ t["w_ih"].T + hp @ t["w_hh"].T + t["bias_h"])
+        want = {"hidden": hid, "output": hid @ t["w_ho"].T + t["bias_o"]}
+    else:
+        xh = torch.cat([t["input"], hp], -1)
+        f, ig, og = (torch.sigmoid(xh @ t[f"w_{g}"].T + t[f"bias_{g}"]) for g in "fio")
+        c = f * t["prev_cell"][:n] + ig * torch.tanh(xh @ t["w_c"].T + t["bias_c"])
+        hid = og * torch.tanh(c)
+        want = {"hidden": hid, "cell": c, "output": hid @ t["w_out"].T + t["bias_out"]}
+    want["hidden_compl"] = t["prev_hidden"][n:]
+    for k, v in want.items():
+        np.testing.assert_allclose(out[k], v.numpy(), rtol=0, atol=1e-12, err_msg=k)

@@ -125,7 +125,7 @@ def _affine(model: Model, x: Any, weight: str, bias: str | None = None, size: An
 def _split_state(model: Model) -> Any:
     """The previous hidden state's first N rows (N: the input's), and ``hidden_compl``."""
     head = RowsOf("head")
-    model |= head.connect(input="prev_hidden", like="input")
+    model |= head.connect(input="prev_hidden", like="input", output=IOKey())
     model |= RowsOf("tail").connect(input="prev_hidden", like="input",
                                     output=IOKey("hidden_compl"))
     return head.output
@@ -149,7 +149,8 @@ class PublishedRNNCell(Model):
         h = _split_state(self)
         z = Add()
         self |= z.connect(left=_affine(self, h, "w_hh", size="prev_hidden"),
-                          right=_affine(self, "input", "w_ih", "bias_h", size="prev_hidden"))
+                          right=_affine(self, "input", "w_ih", "bias_h", size="prev_hidden"),
+                          output=IOKey())  # (IOKey(): an internal wire, not an output)
         self |= Tanh().connect(input=z.output, output=IOKey("hidden"))
         _affine(self, "hidden", "w_ho", "bias_o", size="input" if output_size_from_input else None,
                 output=IOKey("output"))
@@ -182,21 +183,21 @@ class PublishedLSTMCell(Model):
         super().__init__(name=name)
         h = _split_state(self)
         c = RowsOf("head")
-        self |= c.connect(input="prev_cell", like="input")
+        self |= c.connect(input="prev_cell", like="input", output=IOKey())
         xh = Concat(2, axis=-1)
-        self |= xh.connect(input1="input", input2=h)
+        self |= xh.connect(input1="input", input2=h, output=IOKey())
         gates = {}
         for name, act in (("f", Sigmoid), ("i", Sigmoid), ("c", Tanh), ("o", Sigmoid)):
             a = act()
             self |= a.connect(input=_affine(self, xh.output, f"w_{name}", f"bias_{name}",
-                                            size="prev_hidden"))
+                                            size="prev_hidden"), output=IOKey())
             gates[name] = a.output
         keep, new, cell = Multiply(), Multiply(), Add()
-        self |= keep.connect(left=gates["f"], right=c.output)
-        self |= new.connect(left=gates["i"], right=gates["c"])
+        self |= keep.connect(left=gates["f"], right=c.output, output=IOKey())
+        self |= new.connect(left=gates["i"], right=gates["c"], output=IOKey())
         self |= cell.connect(left=keep.output, right=new.output, output=IOKey("cell"))
         squash, hidden = Tanh(), Multiply()
-        self |= squash.connect(input="cell")
+        self |= squash.connect(input="cell", output=IOKey())
         self |= hidden.connect(left=gates["o"], right=squash.output, output=IOKey("hidden"))
         _affine(self, "hidden", "w_out", "bias_out",
                 size="input" if output_size_from_input else None, output=IOKey("output"))
