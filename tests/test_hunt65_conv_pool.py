@@ -80,3 +80,53 @@ def test_pad_negative_reflect_leaving_nothing_is_refused():
     model |= ml.ReflectionPad1D((-2, -1))(input="input", output="output")
     with pytest.raises(ml.ShapeError, match="ReflectionPad1D.*negative padding"):
         ml.compile(model, ml.NumpyBackend(), shapes={"input": [1, 2, 3]})
+
+
+_EMPTY_BATCH = {  # block, input shape with N = 0, torch's function
+    "adaptive_max1": (lambda: ml.AdaptiveMaxPool1D(3), (0, 2, 5),
+                      lambda t: F.adaptive_max_pool1d(t, 3)),
+    "adaptive_max2": (lambda: ml.AdaptiveMaxPool2D(3), (0, 2, 5, 4),
+                      lambda t: F.adaptive_max_pool2d(t, 3)),
+    "adaptive_max3": (lambda: ml.AdaptiveMaxPool3D(2), (0, 2, 3, 3, 3),
+                      lambda t: F.adaptive_max_pool3d(t, 2)),
+    "unfold": (lambda: ml.Unfold(2, padding=1), (0, 2, 3, 3), lambda t: F.unfold(t, 2, padding=1)),
+    "fold": (lambda: ml.Fold((3, 3), 2), (0, 8, 4), lambda t: F.fold(t, (3, 3), 2)),
+    "pixel_shuffle": (lambda: ml.PixelShuffle(2), (0, 4, 3, 3), lambda t: F.pixel_shuffle(t, 2)),
+    "pixel_unshuffle": (lambda: ml.PixelUnshuffle(2), (0, 1, 4, 4),
+                        lambda t: F.pixel_unshuffle(t, 2)),
+}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("name", list(_EMPTY_BATCH))
+def test_empty_batch(backend, name):
+    """A batch of 0 examples gives torch's output shape and an empty input gradient. The
+    NumPy and JAX paths reshaped with -1 (ambiguous for 0 elements); torch's own
+    pixel_unshuffle returns an empty input unchanged (shape (0, 1, 4, 4), not (0, 4, 2, 2))
+    and pixel_shuffle's backward fails on it."""
+    block, shape, ref = _EMPTY_BATCH[name]
+    want = tuple(ref(torch.zeros(1, *shape[1:], dtype=torch.float64))[:0].shape)
+    model = ml.Model()
+    model |= block()(input="input", output="output")
+    be = BACKENDS[backend]()
+    compiled = ml.compile(model, be, shapes={"input": list(shape)}, trainable_keys={"input"})
+    out, grads = compiled.evaluate({"input": be.array(np.zeros(shape))}, {},
+                                   output_gradients={"output": be.array(np.zeros(want))})
+    assert tuple(out["output"].shape) == want
+    assert tuple(grads["input"].shape) == shape
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_empty_batch_max_pool_indices_unpool(backend):
+    """MaxPool2D(return_indices=True) into MaxUnpool2D on a batch of 0 (NumPy reshaped the
+    indices and the unpool's cotangent with -1)."""
+    model = ml.Model()
+    model |= ml.MaxPool2D(2, return_indices=True)(
+        input="input", output=ml.IOKey("o", expose=False), indices=ml.IOKey("i", expose=False))
+    model |= ml.MaxUnpool2D(2)(input="o", indices="i", output="output")
+    be = BACKENDS[backend]()
+    compiled = ml.compile(model, be, shapes={"input": [0, 2, 4, 4]}, trainable_keys={"input"})
+    out, grads = compiled.evaluate({"input": be.array(np.zeros((0, 2, 4, 4)))}, {},
+                                   output_gradients={"output": be.array(np.zeros((0, 2, 4, 4)))})
+    assert tuple(out["output"].shape) == (0, 2, 4, 4)
+    assert tuple(grads["input"].shape) == (0, 2, 4, 4)

@@ -20,6 +20,7 @@ gets the gradient); the NumPy VJP adds each cotangent there. torch: its own kern
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -122,7 +123,7 @@ class _AdaptiveMax(_Adaptive):
         """The maxima, each one's slot and the flat index table (see :meth:`_gather`)."""
         spatial = tuple(x.shape[-self.nd:])
         idx, keep = self._gather(spatial)
-        xf = x.reshape(*x.shape[:-self.nd], -1)
+        xf = x.reshape(*x.shape[:-self.nd], math.prod(spatial))  # -1: ambiguous for 0 rows
         w = xf[..., idx]  # (..., *out, K)
         w = xp.where(keep, w, -np.inf)
         isnan = xp.isnan(w)
@@ -149,7 +150,9 @@ class _AdaptiveMax(_Adaptive):
                                  slot[..., None], axis=-1)[..., 0]
         rows = int(np.prod(x.shape[:-self.nd]))
         gx = np.zeros((rows, int(np.prod(x.shape[-self.nd:]))), g.dtype)
-        np.add.at(gx, (np.arange(rows)[:, None], src.reshape(rows, -1)), g.reshape(rows, -1))
+        per_row = math.prod(g.shape[-self.nd:])
+        np.add.at(gx, (np.arange(rows)[:, None], src.reshape(rows, per_row)),
+                  g.reshape(rows, per_row))
         return {"input": gx.reshape(args["input"].shape)}
 
 

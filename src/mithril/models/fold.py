@@ -64,14 +64,15 @@ class _Blocks(Operator):
         (ph, pw), (n, c, h, w) = self.padding, x.shape
         if ph or pw:
             x = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-        cols = x.reshape(n, c, -1)[:, :, self.index((h, w))]  # (N, C, K, L)
-        return cols.reshape(n, c * self.k, -1)
+        idx = self.index((h, w))  # sizes spelled out: -1 is ambiguous for a batch of 0
+        cols = x.reshape(n, c, x.shape[2] * x.shape[3])[:, :, idx]  # (N, C, K, L)
+        return cols.reshape(n, c * self.k, idx.shape[1])
 
     def _fold(self, xp: Any, y: Any, size: Sequence[int]) -> Any:
         """(N, C·K, L) -> (N, C, H, W), summing overlaps (NumPy / JAX)."""
         (ph, pw), (h, w), n = self.padding, size, y.shape[0]
         idx, hp, wp = self.index(size), h + 2 * ph, w + 2 * pw
-        y = y.reshape(n, -1, self.k, idx.shape[1])
+        y = y.reshape(n, y.shape[1] // self.k, self.k, idx.shape[1])
         if backend_of(xp) == "jax":
             out = xp.zeros((*y.shape[:2], hp * wp), y.dtype).at[:, :, idx].add(y)
         else:  # one kernel offset's blocks land on distinct pixels: no scatter-add needed

@@ -44,7 +44,7 @@ class MaxPoolIndices(Operator):
         _, (res, _) = pool.forward_residuals(np, input)
         if isinstance(res, np.ndarray):  # the compiled pass: (N, *out, C) kernel offsets
             n, c = input.shape[:2]
-            code = np.moveaxis(res.reshape(n, -1, c), -1, 1).reshape(
+            code = np.moveaxis(res.reshape(n, res.size // max(n * c, 1), c), -1, 1).reshape(
                 n, c, *out_sizes(input.shape[2:], pool.kernel_size, pool.stride, pool.dilation,
                                  pool._pads(input.shape[2:]), type(pool).__name__))
         else:  # one-hot masks per kernel offset; none set: a window of padding only

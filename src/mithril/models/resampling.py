@@ -301,15 +301,17 @@ class _Shuffle(Operator):
         r, k = self.factor, len(x.shape) - 3
         lead = tuple(range(k))
         if up:  # (c, i, j, h, w) -> (c, h, i, w, j)
-            y = x.reshape(*b, c // (r * r), r, r, h, w).transpose(
-                *lead, k, k + 3, k + 1, k + 4, k + 2)
-            return y.reshape(*b, c // (r * r), h * r, w * r)
-        y = x.reshape(*b, c, h // r, r, w // r, r).transpose(*lead, k, k + 2, k + 4, k + 1, k + 3)
-        return y.reshape(*b, c * r * r, h // r, w // r)
+            y = x.reshape(*b, c // (r * r), r, r, h, w)
+            move = y.permute if hasattr(y, "permute") else y.transpose  # torch's; NumPy's, JAX's
+            return move(*lead, k, k + 3, k + 1, k + 4, k + 2).reshape(
+                *b, c // (r * r), h * r, w * r)
+        y = x.reshape(*b, c, h // r, r, w // r, r)
+        move = y.permute if hasattr(y, "permute") else y.transpose
+        return move(*lead, k, k + 2, k + 4, k + 1, k + 3).reshape(*b, c * r * r, h // r, w // r)
 
     def forward(self, xp: Any, input: Any) -> Any:
-        if backend_of(xp) == "torch":
-            import torch.nn.functional as F
+        if backend_of(xp) == "torch" and input.numel():  # torch's empty-input paths: the
+            import torch.nn.functional as F  # unshuffle keeps the shape, the shuffle's backward
 
             fn = F.pixel_shuffle if self.up else F.pixel_unshuffle
             return fn(input, self.factor)

@@ -107,7 +107,8 @@ class _MaxUnpool(Operator):
     def vjp(self, g, out, args, wrt):
         x, idx = args["input"], args["indices"]
         rows = math.prod(x.shape[:-self.nd])
-        gx = np.take_along_axis(g.reshape(rows, -1), idx.reshape(rows, -1).astype(np.intp), 1)
+        gx = np.take_along_axis(g.reshape(rows, math.prod(g.shape[-self.nd:])),
+                                idx.reshape(rows, math.prod(x.shape[-self.nd:])).astype(np.intp), 1)
         return {"input": gx.reshape(x.shape)}
 
     def __repr__(self) -> str:
