@@ -161,3 +161,26 @@ def test_lr_lambda_set_mid_run_reaches_every_group(kind: str) -> None:
         assert all(lane.lr_lambda is then for lane in (sched, *sched._siblings))
     with pytest.raises(AttributeError, match="lr_lambda"):  # a misspelling changed no step
         sched.lr_lamda = then
+
+
+# OneCycleLR's arguments were in another order than torch's (epochs and steps_per_epoch
+# keyword-only, pct_start third): torch's OneCycleLR(opt, max_lr, None, epochs, steps) was
+# refused as pct_start=epochs, and positional arguments past it meant other things
+def test_one_cycle_positional_arguments_in_torch_order() -> None:
+    args = ([0.1, 0.05, 0.3], None, 6, 10, 0.4, "cos", True, [0.8, 0.7, 0.6], 0.9, 10.0,
+            100.0, True)
+    opt, ref = _pair()
+    sched, ref_sched = S.OneCycleLR(opt, *args), ls.OneCycleLR(ref, *args)
+    for i in range(60):
+        ref.step()
+        ref_sched.step()
+        sched.step()
+        assert _close(_rates(opt), [g["lr"] for g in ref.param_groups]), i
+        assert _close([opt.hyperparameter("momentum", g).get() for g in (None, 0, 1)],
+                      [g["momentum"] for g in ref.param_groups]), i
+    assert sched.total_steps == 60 and sched.three_phase and sched.div_factor == 10.0
+    with pytest.raises(ValueError, match="Tried to step 61 times"):  # past the end, as torch
+        sched.step()
+    with pytest.raises(ValueError, match="Tried to step 61 times"):
+        ref_sched.step()
+    assert sched.last_step == 60 and _close(_rates(opt), sched.get_last_lrs())

@@ -68,15 +68,16 @@ class OneCycleLR(MomentumCycle, LRScheduler):
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
         max_lr: peak learning rate, ``> 0``.
         total_steps: number of steps in the cycle, integer ``>= 1``; or, as PyTorch,
-            ``epochs`` and ``steps_per_epoch`` (keywords), whose product it then is.
+            ``epochs`` and ``steps_per_epoch``, whose product it then is (the arguments in
+            PyTorch's order, positional ones included).
         pct_start: fraction of the cycle spent increasing the rate, in ``[0, 1]``.
         anneal_strategy: ``'cos'`` or ``'linear'``.
-        div_factor: ``initial_lr = max_lr / div_factor``, ``> 0``.
-        final_div_factor: ``min_lr = initial_lr / final_div_factor``, ``> 0``.
-        three_phase: use the symmetric three-phase variant.
         cycle_momentum: cycle the optimizer's momentum (or beta1) inversely to the rate.
         base_momentum: lowest momentum of the cycle (at the peak rate); default 0.85.
         max_momentum: highest momentum of the cycle (at the start and end); default 0.95.
+        div_factor: ``initial_lr = max_lr / div_factor``, ``> 0``.
+        final_div_factor: ``min_lr = initial_lr / final_div_factor``, ``> 0``.
+        three_phase: use the symmetric three-phase variant.
         per_group: act on every parameter group with its own values (see above).
     """
 
@@ -97,18 +98,18 @@ class OneCycleLR(MomentumCycle, LRScheduler):
         optimizer: SupportsLearningRate,
         max_lr: float,
         total_steps: int | None = None,
+        epochs: int | None = None,
+        steps_per_epoch: int | None = None,
         pct_start: float = 0.3,
         anneal_strategy: Literal["cos", "linear"] = "cos",
-        div_factor: float = 25.0,
-        final_div_factor: float = 1e4,
-        three_phase: bool = False,
         cycle_momentum: bool = False,
         base_momentum: float = 0.85,
         max_momentum: float = 0.95,
-        *,
-        epochs: int | None = None,
-        steps_per_epoch: int | None = None,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        three_phase: bool = False,
     ) -> None:
+        # (torch's order: OneCycleLR(opt, 0.1, None, 10, 100) is 10 epochs of 100 steps)
         total_steps = _total_steps(total_steps, epochs, steps_per_epoch)
         super().__init__(optimizer)
         self._init_momentum(optimizer, cycle_momentum, base_momentum, max_momentum)
