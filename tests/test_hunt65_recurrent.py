@@ -228,3 +228,36 @@ def test_published_cells_output_their_published_keys_only(kind):
     want["hidden_compl"] = t["prev_hidden"][n:]
     for k, v in want.items():
         np.testing.assert_allclose(out[k], v.numpy(), rtol=0, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "uint64", "int32"])
+def test_unsigned_lengths_as_torchs_pack_padded_sequence(dtype, backend_name):
+    """torch's ``pack_padded_sequence`` takes lengths of any integer dtype (uint32
+    included); on the torch backend ours raised torch's ``NotImplementedError: "min_all" not
+    implemented for 'UInt32'`` (and its comparison could not promote them). Outputs, h_n and
+    the input's gradient as torch's; a length past T still the named error."""
+    from mithril.errors import InputValueError
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(3, 4, bidirectional=True).double()
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    lengths = np.array([5, 2], dtype=dtype)
+    xt = torch.tensor(x, requires_grad=True)
+    packed = pack_padded_sequence(xt, torch.from_numpy(lengths.astype(np.int64)).to(
+        getattr(torch, dtype)), enforce_sorted=False)
+    y, h = ref(packed)
+    y, _ = pad_packed_sequence(y, total_length=5)
+    (y.sum() + h.sum()).backward()
+    ours = ml.GRU(4, bidirectional=True, lengths=True)
+    backend = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend}[backend_name](dtype="float64")
+    compiled = ml.compile(ours, backend, shapes={"input": [5, 2, 3]}, trainable_keys=["input"])
+    params = {**ours.params_from_torch(ref.state_dict(), backend=backend),
+              "input": backend.array(x)}
+    out, grads = compiled.evaluate(params, {"lengths": backend.array(lengths)},
+                                   output_gradients={"output": backend.ones(5, 2, 8),
+                                                     "hidden": backend.ones(2, 2, 4)})
+    for got, want in ((out["output"], y), (out["hidden"], h), (grads["input"], xt.grad)):
+        np.testing.assert_allclose(np.asarray(backend.to_numpy(got)), want.detach().numpy(),
+                                   rtol=0, atol=1e-12)
+    with pytest.raises(InputValueError, match="sequence length 6 out of range"):
+        compiled.evaluate(params, {"lengths": backend.array(np.array([6, 2], dtype=dtype))})

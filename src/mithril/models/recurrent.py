@@ -206,6 +206,7 @@ class Recurrence(Operator):
         lens, s = arrays.get("lengths"), shapes.get("input")
         if lens is None or s is None or s[0] is None or not math.prod(lens.shape):
             return
+        lens = lens.long() if hasattr(lens, "long") else lens  # torch's uint32: no min
         lo, hi = int(lens.min()), int(lens.max())
         if lo < 1 or hi > s[0]:
             raise InputValueError(f"input '{names['lengths']}': sequence length "
@@ -258,7 +259,7 @@ class Recurrence(Operator):
         # (T, N, 1): the steps each entry has (None: all); a step past the end keeps the states
         valid = None if lengths is None else \
             (ns.arange(steps, device=lengths.device) if t_ is not None else ns.arange(steps)
-             )[:, None, None] < lengths[:, None]
+             )[:, None, None] < (lengths.long() if t_ is not None else lengths)[:, None]
         if valid is not None:  # the padding is never read, as torch's packed sequences (NaN, inf)
             input = ns.where(valid, input, 0)
         a = input @ weight_ih.T  # every step's input part in one matmul: (T, N, G·H)
