@@ -261,3 +261,26 @@ def test_unsigned_lengths_as_torchs_pack_padded_sequence(dtype, backend_name):
                                    rtol=0, atol=1e-12)
     with pytest.raises(InputValueError, match="sequence length 6 out of range"):
         compiled.evaluate(params, {"lengths": backend.array(np.array([6, 2], dtype=dtype))})
+
+
+def test_nonlinearity_is_an_rnns_and_named_by_the_block():
+    """torch's RNN / RNNCell take nonlinearity "tanh" or "relu"; LSTM and GRU have fixed
+    gates. ``Recurrence("gru" or "lstm", nonlinearity="relu")`` ignored it silently, an
+    RNNCell's bad value was named "RNN:", and a relu ``Recurrence``'s repr read as tanh's."""
+    with pytest.raises(ValueError, match=r"^RNNCell: nonlinearity must be 'tanh' or 'relu'"):
+        ml.RNNCell(3, nonlinearity="sigmoid")
+    for kind in ("gru", "lstm"):
+        with pytest.raises(ValueError, match=rf"^{kind.upper()}: nonlinearity must be"):
+            ml.Recurrence(kind, 3, nonlinearity="relu")
+    assert "nonlinearity='relu'" in repr(ml.Recurrence("rnn", 3, nonlinearity="relu"))
+    # relu as torch's, on a cell: max(·, 0) of the same pre-activation
+    torch.manual_seed(0)
+    ref = torch.nn.RNNCell(3, 4, nonlinearity="relu").double()
+    cell = ml.RNNCell(4, nonlinearity="relu")
+    x, h = np.random.default_rng(0).standard_normal((2, 2, 3))[0], np.zeros((2, 4))
+    compiled = ml.compile(cell, ml.NumpyBackend(dtype="float64"),
+                          shapes={"input": [2, 3], "prev_hidden": [2, 4]})
+    out = compiled.evaluate(cell.params_from_torch(ref.state_dict()),
+                            {"input": x, "prev_hidden": h})["output"]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, ref(torch.tensor(x), torch.tensor(h)).numpy(), atol=1e-12)

@@ -108,8 +108,9 @@ class Recurrence(Operator):
         who = kind.upper() + ("Cell" if cell else "")
         self.cell = bool(cell)  # one step of a cell: its error messages name the cell's shapes
         self.hidden_size = _positive_int(who, "hidden_size", hidden_size)
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        if nonlinearity not in ("tanh", "relu") or (kind != "rnn" and nonlinearity != "tanh"):
+            raise ValueError(f"{who}: nonlinearity must be 'tanh' or 'relu' (an RNN's only: LSTM "
+                             f"and GRU have their own gates), got {nonlinearity!r}")
         self.kind, self.bias, self.nonlinearity = kind, bool(bias), nonlinearity
         self.reverse, self.initial_state = bool(reverse), bool(initial_state)
         self.num_states = None if num_states is None else _positive_int(who, "num_states", num_states)
@@ -302,7 +303,8 @@ class Recurrence(Operator):
         return bptt(self, g, out, args, wrt)
 
     def __repr__(self) -> str:
-        opts = {"reverse": True if self.reverse else None,
+        opts = {"nonlinearity": None if self.nonlinearity == "tanh" else self.nonlinearity,
+                "reverse": True if self.reverse else None,
                 "initial_state": None if self.initial_state else False,
                 "num_states": self.num_states, "input_size": self.input_size,
                 "lengths": True if self.lengths else None, "proj_size": self.proj_size or None}
