@@ -184,3 +184,25 @@ def test_one_cycle_positional_arguments_in_torch_order() -> None:
     with pytest.raises(ValueError, match="Tried to step 61 times"):
         ref_sched.step()
     assert sched.last_step == 60 and _close(_rates(opt), sched.get_last_lrs())
+
+
+# CyclicLR's base_lr (the lower bound, per group as max_lr) set between steps reached the
+# optimizer's own lane only, and a list (one per group, as the constructor takes) was refused
+def test_cyclic_base_lr_set_mid_run_reaches_every_group() -> None:
+    low, high = [0.005, 0.002, 0.05], [0.1, 0.05, 0.3]
+    want = _torch_run(lambda o: ls.CyclicLR(o, low, high, 3, 5, "triangular2"), 30)
+    opt, _ = _pair()
+    sched = S.CyclicLR(opt, [0.01, 0.001, 0.02], high, 3, 5, "triangular2")
+    for _ in range(4):
+        sched.step()
+    sched.base_lr = low
+    for t in range(5, 31):
+        sched.step()
+        assert _close(sched.get_last_lrs(), want[t]) and _close(_rates(opt), want[t]), t
+    sched.base_lr = 0.004  # one value: every group's
+    assert [lane.base_lr for lane in (sched, *sched._siblings)] == [0.004] * 3
+    state = sched.state_dict()
+    for bad in ([0.01, -0.01, 0.01], [0.01], -1.0):
+        with pytest.raises(ValueError, match="base_lr"):
+            sched.base_lr = bad
+        assert sched.state_dict() == state

@@ -51,7 +51,8 @@ FUNCTIONS = ("lr_lambda", "scale_fn")
 def settable(sched: Any) -> tuple[str, ...]:
     """The attributes set through :func:`set_hyperparameter`."""
     extra = ("base_momentum", "max_momentum") if hasattr(sched, "_set_momentum_bounds") else ()
-    return (*sched._HPARAMS, *extra, *(n for n in FUNCTIONS if n in sched.__dict__))
+    own = ("base_lr",) if "base_lr" in sched._GROUP_ARGS else ()  # (CyclicLR's lower bound)
+    return (*sched._HPARAMS, *extra, *own, *(n for n in FUNCTIONS if n in sched.__dict__))
 
 
 def meant(sched: Any, name: str) -> str:

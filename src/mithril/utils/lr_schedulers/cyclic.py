@@ -175,6 +175,9 @@ class CyclicLR(MomentumCycle, LRScheduler):
         return self.max_momentum - base_height * self._scale(t)
 
     def _set_hyperparameter(self, name: str, value: Any) -> None:
+        if name == "base_lr":  # (the lower bound: every lane's, or a list, as max_lr)
+            self.base_lr = _check_real("base_lr", value, ge=0.0)
+            return
         if name != "scale_fn":
             super()._set_hyperparameter(name, value)
             return
