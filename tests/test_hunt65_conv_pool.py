@@ -130,3 +130,25 @@ def test_empty_batch_max_pool_indices_unpool(backend):
                                    output_gradients={"output": be.array(np.zeros((0, 2, 4, 4)))})
     assert tuple(out["output"].shape) == (0, 2, 4, 4)
     assert tuple(grads["input"].shape) == (0, 2, 4, 4)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("shape, kw", [
+    ((2, 3, 7), dict(scale_factor=1.5)),
+    ((1, 2, 3), dict(scale_factor=1.2)),                     # 3 -> 3, not the identity
+    ((2, 2, 5, 3), dict(size=(7, 2))),
+    ((1, 1, 4, 6), dict(scale_factor=(0.7, 1 / 3), recompute_scale_factor=True)),
+    ((1, 2, 2, 3, 5), dict(scale_factor=(2.0, 1.5, 0.5))),
+    ((3, 4, 5), dict(size=11)),
+])
+def test_upsample_nearest_exact(backend, shape, kw):
+    """F.interpolate(mode="nearest-exact"): output j reads min(floor((j + ½)·r), n − 1) in
+    float32, on every rank (was refused: not among the modes)."""
+    x = np.random.default_rng(0).standard_normal(shape)
+    _compare(lambda **k: ml.Upsample(mode="nearest-exact", **kw)(**k), x,
+             lambda t: F.interpolate(t, mode="nearest-exact", **kw), backend)
+
+
+def test_upsample_nearest_exact_refuses_align_corners():
+    with pytest.raises(ValueError, match="align_corners.*'nearest-exact'"):
+        ml.Upsample(scale_factor=2, mode="nearest-exact", align_corners=False)

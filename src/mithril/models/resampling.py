@@ -1,5 +1,5 @@
-"""Resizing, as torch's ``nn.Upsample`` / ``F.interpolate`` (modes nearest, linear, bilinear,
-trilinear, bicubic)
+"""Resizing, as torch's ``nn.Upsample`` / ``F.interpolate`` (modes nearest, nearest-exact,
+linear, bilinear, trilinear, bicubic)
 and ``nn.PixelShuffle`` / ``nn.PixelUnshuffle``.
 
 Nearest and linear resizing, and adaptive average pooling, are a fixed linear map along each
@@ -17,7 +17,9 @@ min(floor(j · r), n − 1), in float32 as torch's kernel (``floorf``; r rounded
 in 2-D an output of size n or 2n reads j or j // 2 (torch's shortcut). torch's 1-D and 3-D
 forwards take no shortcut (scale_factor=1.2, n = 3: [x0, x0, x1]) but its backward does (as if it
 were [x0, x1, x2]: gradient [1, 1, 1] where its forward's is [2, 1, 0]); ours is that
-forward's and its true gradient (on torch too: a gather there). Linear: source s = r · j with
+forward's and its true gradient (on torch too: a gather there). Nearest-exact: output j
+reads min(floor((j + ½)·r), n − 1) (torch's ``nearest_exact_idx``, no shortcut; its backward
+agrees). Linear: source s = r · j with
 ``align_corners=True`` (r = (n − 1)/(out − 1), 0 for out = 1), else max(r · (j + ½) − ½, 0);
 output j = (1 − λ)·x[⌊s⌋] + λ·x[min(⌊s⌋ + 1, n − 1)], λ = s − ⌊s⌋; an axis of unchanged size
 is copied (torch's forward and backward both; s = j even for scale_factor=1.2 on 3). Bicubic (2-D, per axis):
@@ -44,7 +46,8 @@ import numpy as np
 from ..errors import ShapeError
 from .operator import Operator, backend_of, fmt
 
-UPSAMPLE_MODES = ("nearest", "linear", "bilinear", "trilinear", "bicubic")
+UPSAMPLE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "trilinear", "bicubic")
+NEAREST_MODES = ("nearest", "nearest-exact")
 
 
 #: per axis: (idx, weight, mask), each (out, K): output j is sum over the slots k where
@@ -100,11 +103,19 @@ class Separable(Operator):
         return {"input": scatter_taps(g, shape, self.taps(shape[-self.spatial_nd(g.ndim):]))}
 
 
-def nearest_taps(n: int, out: int, scale: float | None, fast: bool = True) -> Taps:
+def nearest_taps(n: int, out: int, scale: float | None, fast: bool = True,
+                 exact: bool = False) -> Taps:
     """torch's nearest source index, one tap of weight 1 per output: ``nearest_idx`` with its
-    out = n and out = 2n shortcuts (``fast``), or without them (torch's 1-D forward)."""
+    out = n and out = 2n shortcuts (``fast``), or without them (torch's 1-D forward); with
+    ``exact`` ``nearest_exact_idx``: min(floor((j + ½)·r), n − 1), no shortcut, the product in
+    double of the float32 scale, then floorf's float32."""
     j = np.arange(out)
-    if fast and out == n:
+    if exact:
+        r = np.float32(1.0 / scale) if scale is not None and scale > 0 else \
+            np.float32(n) / np.float32(out)
+        src = np.floor(((j + 0.5) * np.float64(r)).astype(np.float32)).astype(np.int64)
+        src = np.minimum(src, n - 1)
+    elif fast and out == n:
         src = j
     elif fast and out == 2 * n:
         src = j >> 1
@@ -153,7 +164,8 @@ def cubic_taps(n: int, out: int, scale: float | None, align_corners: bool,
 
 class Upsample(Separable):
     """``nn.Upsample`` / ``F.interpolate`` on (N, C, L) (nearest, linear), (N, C, H, W)
-    (nearest, bilinear, bicubic) or (N, C, D, H, W) (nearest, trilinear): exactly one of ``size`` (an int or one per axis) and
+    (nearest, bilinear, bicubic) or (N, C, D, H, W) (nearest, trilinear); nearest-exact on any
+    of them: exactly one of ``size`` (an int or one per axis) and
     ``scale_factor`` (a positive number or one per axis); ``align_corners`` (linear and cubic
     modes only; default False) and ``recompute_scale_factor`` as torch (see the module docstring)."""
 
@@ -167,10 +179,10 @@ class Upsample(Separable):
         if (size is None) == (scale_factor is None):
             raise ValueError(f"{who}: give exactly one of size and scale_factor (as torch), got "
                              f"size={size!r}, scale_factor={scale_factor!r}")
-        if align_corners is not None and mode == "nearest":
+        if align_corners is not None and mode in NEAREST_MODES:
             raise ValueError(f"{who}: align_corners can only be set with the interpolating modes "
                              f"linear / bilinear / trilinear / bicubic (as torch), got "
-                             f"mode='nearest'")
+                             f"mode={mode!r}")
         if recompute_scale_factor and size is not None:
             raise ValueError(f"{who}: recompute_scale_factor is not meaningful with an explicit "
                              f"size (as torch)")
@@ -224,9 +236,10 @@ class Upsample(Separable):
 
     def taps(self, spatial: Sequence[int]) -> list[Taps]:
         out, scales = self.sizes(spatial)
-        if self.mode == "nearest":
+        if self.mode in NEAREST_MODES:
             # torch's 1-D and 3-D forwards skip nearest_idx's shortcuts (their backwards take them)
-            return [nearest_taps(n, o, r, fast=len(spatial) == 2)
+            return [nearest_taps(n, o, r, fast=len(spatial) == 2,
+                                 exact=self.mode == "nearest-exact")
                     for n, o, r in zip(spatial, out, scales)]
         axis_taps = cubic_taps if self.mode == "bicubic" else linear_taps
         return [axis_taps(n, o, r, self.align_corners) for n, o, r in zip(spatial, out, scales)]
@@ -253,7 +266,7 @@ class Upsample(Separable):
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
 
-            kw = {"align_corners": self.align_corners} if self.mode != "nearest" else {}
+            kw = {"align_corners": self.align_corners} if self.mode not in NEAREST_MODES else {}
             return F.interpolate(input, size=self.size, scale_factor=self.scale_factor,
                                  mode=self.mode, recompute_scale_factor=self.recompute_scale_factor
                                  if self.scale_factor is not None else None, **kw)
@@ -261,7 +274,8 @@ class Upsample(Separable):
 
     def __repr__(self) -> str:
         return (f"Upsample(size={self.size}, scale_factor={self.scale_factor}, mode={self.mode!r}"
-                + (f", align_corners={self.align_corners}" if self.mode != "nearest" else "")
+                + (f", align_corners={self.align_corners}" if self.mode not in NEAREST_MODES
+                   else "")
                 + ")")
 
 
