@@ -206,3 +206,25 @@ def test_cyclic_base_lr_set_mid_run_reaches_every_group() -> None:
         with pytest.raises(ValueError, match="base_lr"):
             sched.base_lr = bad
         assert sched.state_dict() == state
+
+
+# Keras's PiecewiseConstantDecay takes NumPy arrays (boundaries and values); ours refused
+# them as "not a sequence". Keras's rates: values[number of boundaries b with t > b]
+def test_piecewise_constant_keras_form_takes_arrays() -> None:
+    boundaries, values = np.array([3, 7, 7 + 5]), np.array([0.1, 0.05, 0.01, 0.001])
+    opt = SGD(learning_rate=1.0)
+    sched = S.PiecewiseConstant(opt, boundaries=boundaries, values=values)
+    got = [opt.learning_rate]
+    for _ in range(20):
+        sched.step()
+        got.append(opt.learning_rate)
+    want = [float(values[np.searchsorted(boundaries, t, side="left")]) for t in range(21)]
+    assert got == want and got[3] == 0.1 and got[4] == 0.05 and got[13] == 0.001
+    assert sched.state_dict()["boundaries"] == [3, 7, 12]
+    opt = SGD(learning_rate=0.1)
+    joined = S.JoinSchedules(opt, [S.ConstantLR(opt, 0.5, 2), S.ExponentialLR(opt, 0.9)],
+                             np.array([4]))
+    assert joined.boundaries == [4] and joined.get_lr_at(6) == 0.1 * 0.9**2
+    for bad in ("37", np.array(3), iter([3, 7, 12])):
+        with pytest.raises(ValueError, match="boundaries"):
+            S.PiecewiseConstant(SGD(learning_rate=1.0), boundaries=bad, values=values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -80,22 +81,11 @@ def _check_real(
     value = _to_float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    bounds = []
-    ok = True
-    if gt is not None:
-        bounds.append(f"> {gt}")
-        ok &= value > gt
-    if ge is not None:
-        bounds.append(f">= {ge}")
-        ok &= value >= ge
-    if lt is not None:
-        bounds.append(f"< {lt}")
-        ok &= value < lt
-    if le is not None:
-        bounds.append(f"<= {le}")
-        ok &= value <= le
-    if not ok:
-        raise ValueError(f"{name} must be {' and '.join(bounds)}, got {value}")
+    tests = ((">", gt, operator.gt), (">=", ge, operator.ge), ("<", lt, operator.lt),
+             ("<=", le, operator.le))
+    bounds = [(f"{op} {b}", test(value, b)) for op, b, test in tests if b is not None]
+    if not all(ok for _, ok in bounds):
+        raise ValueError(f"{name} must be {' and '.join(b for b, _ in bounds)}, got {value}")
     return value
 
 
@@ -105,18 +95,23 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
-def _check_milestones(name: str, milestones: Any, *, any_order: bool = False) -> list[int]:
-    """Integers ``>= 0`` of a list, tuple, set or array (torch iterates them), non-decreasing
-    (a repeat: a phase of no steps), or with ``any_order`` sorted (a repeat counts once per
-    occurrence: torch's ``Counter``). Not a one-shot iterator: each group's lane reads them."""
+def _entries(name: str, values: Any, what: str) -> list[Any]:
+    """The entries of a list, tuple, set or array, as torch and Keras iterate them (not a
+    string, a mapping or a one-shot iterator: ``ValueError`` naming ``name``)."""
     try:
-        ok = not isinstance(milestones, (str, bytes, Mapping)) and iter(milestones) is not milestones
-    except TypeError:
+        ok = not isinstance(values, (str, bytes, Mapping)) and iter(values) is not values
+    except TypeError:  # (a 0-d array)
         ok = False
     if not ok:
-        raise ValueError(f"{name} must be a list of integers, got {describe(milestones)}")
-    out = [_check_int(f"{name}[{i}]", m.item() if getattr(m, "ndim", None) == 0 else m,
-                      minimum=0) for i, m in enumerate(milestones)]
+        raise ValueError(f"{name} must be a list of {what}, got {describe(values)}")
+    return [v.item() if getattr(v, "ndim", None) == 0 else v for v in values]
+
+
+def _check_milestones(name: str, milestones: Any, *, any_order: bool = False) -> list[int]:
+    """Integers ``>= 0`` (:func:`_entries`), non-decreasing (a repeat: a phase of no steps),
+    or with ``any_order`` sorted (a repeat counts once per occurrence: torch's ``Counter``)."""
+    out = [_check_int(f"{name}[{i}]", m, minimum=0)
+           for i, m in enumerate(_entries(name, milestones, "integers"))]
     if any_order:
         return sorted(out)
     for prev, cur in zip(out, out[1:], strict=False):

@@ -9,7 +9,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from ..optimizers.checks import describe
-from .base import LRScheduler, SupportsLearningRate, _check_choice, _check_int, _check_real
+from .base import (
+    LRScheduler,
+    SupportsLearningRate,
+    _check_choice,
+    _check_int,
+    _check_real,
+    _entries,
+)
 
 __all__ = ["PiecewiseConstant", "PiecewiseInterpolate"]
 
@@ -30,9 +37,9 @@ def _split_mapping(name: str, mapping: Any) -> tuple[list[int], list[float]]:
 
 
 def _check_boundaries(name: str, boundaries: Any) -> list[int]:
-    if isinstance(boundaries, (str, bytes)) or not isinstance(boundaries, Sequence):
-        raise ValueError(f"{name} must be a sequence of integers, got {describe(boundaries)}")
-    out = [_check_int(f"{name}[{i}]", b, minimum=0) for i, b in enumerate(boundaries)]
+    # (a NumPy array as Keras takes it: np.array([3, 7]) was refused as no sequence)
+    out = [_check_int(f"{name}[{i}]", b, minimum=0)
+           for i, b in enumerate(_entries(name, boundaries, "integers"))]
     for prev, cur in zip(out, out[1:], strict=False):
         if cur <= prev:
             raise ValueError(f"{name} must be strictly increasing, got {out}")
@@ -40,8 +47,7 @@ def _check_boundaries(name: str, boundaries: Any) -> list[int]:
 
 
 def _check_reals(name: str, values: Any, length: int) -> list[float]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ValueError(f"{name} must be a sequence of numbers, got {describe(values)}")
+    values = _entries(name, values, "numbers")
     if len(values) != length:
         raise ValueError(f"{name} must have {length} entries, got {len(values)}")
     return [_check_real(f"{name}[{i}]", v, ge=0.0) for i, v in enumerate(values)]
