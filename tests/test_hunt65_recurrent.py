@@ -284,3 +284,28 @@ def test_nonlinearity_is_an_rnns_and_named_by_the_block():
                             {"input": x, "prev_hidden": h})["output"]
     with torch.no_grad():
         np.testing.assert_allclose(out, ref(torch.tensor(x), torch.tensor(h)).numpy(), atol=1e-12)
+
+
+def test_torchs_positional_sizes_are_refused_not_read_as_switches():
+    """``torch.nn.LSTM(8, 4)`` is input 8, hidden 4; ``ml.LSTM(8, 4)`` silently was hidden 8
+    with ``batch_first=4`` (truthy), and ``ml.RNNCell(8, 4)`` hidden 8 with ``bias=4``. A
+    switch takes a bool, as torch's ``bias`` / ``batch_first`` (a TypeError there too)."""
+    for make, what in ((lambda: ml.LSTM(8, 4), "batch_first"), (lambda: ml.GRU(8, 1), "batch_first"),
+                       (lambda: ml.RNNCell(8, 4), "bias"), (lambda: ml.GRUCell(8, 2), "bias"),
+                       (lambda: ml.RNN(4, bidirectional="yes"), "bidirectional"),
+                       (lambda: ml.LSTM(4, lengths=2), "lengths")):
+        with pytest.raises(TypeError, match=rf"{what} must be a bool"):
+            make()
+    with pytest.raises(TypeError, match="batch_first should be of type bool"):
+        torch.nn.GRU(3, 4, 1, True, 1)  # (torch's own: num_layers, bias, batch_first)
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(3, 4, batch_first=True, bias=False).double()
+    ours = ml.GRU(4, np.True_, False)
+    assert ours.batch_first is True and ours.bias is False
+    x = np.random.default_rng(0).standard_normal((2, 5, 3))
+    compiled = ml.compile(ours, ml.NumpyBackend(dtype="float64"), shapes={"input": [2, 5, 3]})
+    out = compiled.evaluate(ours.params_from_torch(ref.state_dict()), {"input": x})
+    with torch.no_grad():
+        y, h = ref(torch.tensor(x))
+    np.testing.assert_allclose(out["output"], y.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out["hidden"], h.numpy(), rtol=0, atol=1e-12)

@@ -60,6 +60,16 @@ def _positive_int(who: str, what: str, v: Any) -> int:
     return int(v)
 
 
+def _flag(who: str, what: str, v: Any) -> bool:
+    """A switch: a bool, as torch's ``bias`` / ``batch_first``. Another value is refused:
+    ``ml.LSTM(8, 4)``, torch's ``nn.LSTM(input_size, hidden_size)``, was H = 8, batch_first."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    hint = " (the first argument is hidden_size: the input size is inferred, or input_size=, " \
+        "unlike torch's positional order)" if isinstance(v, (int, np.integer)) else ""
+    raise TypeError(f"{who}: {what} must be a bool, got {v!r}{hint}")
+
+
 def _wire(name: str) -> Any:
     """A connection by name: one starting with "_" is a wire internal to the block."""
     return IOKey(name, expose=False) if name.startswith("_") else name
@@ -111,7 +121,7 @@ class Recurrence(Operator):
         if nonlinearity not in ("tanh", "relu") or (kind != "rnn" and nonlinearity != "tanh"):
             raise ValueError(f"{who}: nonlinearity must be 'tanh' or 'relu' (an RNN's only: LSTM "
                              f"and GRU have their own gates), got {nonlinearity!r}")
-        self.kind, self.bias, self.nonlinearity = kind, bool(bias), nonlinearity
+        self.kind, self.bias, self.nonlinearity = kind, _flag(who, "bias", bias), nonlinearity
         self.reverse, self.initial_state = bool(reverse), bool(initial_state)
         self.num_states = None if num_states is None else _positive_int(who, "num_states", num_states)
         self.state_index = int(state_index)
@@ -125,7 +135,7 @@ class Recurrence(Operator):
         self.proj_size = int(proj_size)
         self.state_size = self.proj_size or self.hidden_size  # h's features
         states = ("h0", "c0") if kind == "lstm" else ("h0",)
-        self.lengths = bool(lengths)
+        self.lengths = _flag(who, "lengths", lengths)
         self.inputs = ("input", *(("lengths",) if self.lengths else ()),  # type: ignore[misc]
                        *(states if self.initial_state else ()))
         self.state_names = dict(zip(states, state_names or states))
@@ -450,9 +460,10 @@ class _Sequence(Model, _TorchNames):
             warnings.warn(f"{who}: dropout is applied between layers, after all but the last; "
                           f"with num_layers=1 it does nothing (dropout={dropout})",
                           UserWarning, stacklevel=2 if type(self).__init__ is _Sequence.__init__ else 3)
-        self.batch_first, self.bidirectional = bool(batch_first), bool(bidirectional)
-        self.initial_states, self.dropout = bool(initial_states), float(dropout)
-        self.lengths = bool(lengths)
+        self.batch_first = _flag(who, "batch_first", batch_first)
+        self.bidirectional = _flag(who, "bidirectional", bidirectional)
+        self.initial_states = _flag(who, "initial_states", initial_states)
+        self.dropout, self.lengths = float(dropout), _flag(who, "lengths", lengths)
         if proj_size and self.kind != "lstm":
             raise ValueError(f"{who}: proj_size is for LSTM only (as torch), got {proj_size!r}")
         self.proj_size = proj_size
@@ -460,7 +471,7 @@ class _Sequence(Model, _TorchNames):
         k = self.num_layers * self.num_directions
         states = ("h0", "c0") if self.kind == "lstm" else ("h0",)
         given = {"h0": "initial_hidden", "c0": "initial_cell"}
-        self.bias, self.input_size = bool(bias), input_size
+        self.bias, self.input_size = _flag(who, "bias", bias), input_size
         if self.batch_first:  # (N, T, I) -> (T, N, I)
             self |= _TimeMajor(who)(input="input", output=IOKey("_steps", expose=False))
         layer_in = "_steps" if self.batch_first else "input"
