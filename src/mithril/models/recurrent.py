@@ -35,8 +35,8 @@ from .model import Bound, IOKey, Model
 from .operator import Operator, ShapeError, backend_of, fmt, torch_of
 from .recurrent_bptt import bptt
 from .recurrent_state_dict import GATES, ROLES, _TorchNames
-from .recurrent_unbatched import batch_of_one, check_unbatched, unbatched_vjp
-from .shaping import Concat, Indexer, Transpose
+from .recurrent_unbatched import _TimeMajor, batch_of_one, check_unbatched, unbatched_vjp
+from .shaping import Concat, Indexer
 
 
 def _sigmoid(xp: Any, x: Any) -> Any:
@@ -348,33 +348,6 @@ def __getattr__(name: str) -> Any:
 def _path(layer: int, direction: int) -> str:
     """The block name of a stacked layer's ``Recurrence``: ``l0``, ``l0_reverse``, ``l1``, ..."""
     return f"l{layer}" + ("_reverse" if direction else "")
-
-
-class _TimeMajor(Transpose):
-    """(N, T, I) <-> (T, N, I), a ``batch_first`` sequence's input and output; an unbatched
-    (T, I) one as it is (torch ignores ``batch_first`` there). Any other rank is named as the
-    block's error, not as a bad permutation."""
-
-    #: the sequence's float data, checked and cast as the recurrence's own input (a Transpose
-    #: takes any dtype: a torch int64 or float32 tensor reached torch's matmul unnamed)
-    any_dtype_inputs: frozenset[str] = frozenset()
-
-    def __init__(self, who: str) -> None:
-        super().__init__((1, 0, 2))
-        self.who = who
-
-    def _perm(self, ndim: int) -> tuple[int, ...]:
-        return (0, 1) if ndim == 2 else super()._perm(ndim)
-
-    def infer_shape(self, shapes):
-        s = shapes.get("input")
-        if s is not None and len(s) not in (2, 3):
-            raise ShapeError(f"{self.who}: 'input' must be (N, T, I) with batch_first, or "
-                             f"unbatched (T, I), got shape {fmt(s)}")
-        return super().infer_shape(shapes)
-
-
-_TimeMajor.__name__ = "Transpose"  # the compiler names a block after its class: as before
 
 
 # -- cells: one step ------------------------------------------------------------------------------
