@@ -152,3 +152,44 @@ def test_upsample_nearest_exact(backend, shape, kw):
 def test_upsample_nearest_exact_refuses_align_corners():
     with pytest.raises(ValueError, match="align_corners.*'nearest-exact'"):
         ml.Upsample(scale_factor=2, mode="nearest-exact", align_corners=False)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("shape, k, s, p, output_size", [
+    ((2, 2, 4, 4, 6), 2, 2, 0, None),
+    ((1, 2, 5, 5, 3), 3, 2, 1, None),
+    ((2, 5, 4, 6), 2, 2, 0, None),                     # unbatched (C, D, H, W)
+    ((1, 2, 5, 4, 5), 2, 2, 0, (5, 4, 5)),             # odd sizes back through output_size
+])
+def test_max_unpool3d_after_max_pool3d(backend, shape, k, s, p, output_size):
+    """nn.MaxUnpool3d (MaxPool3D's indices back into the volume), torch's values and input
+    gradient; there was no MaxUnpool3D (MaxPool3D(return_indices=True) had no inverse)."""
+
+    def block(**keys):
+        model = ml.Model()
+        model |= ml.MaxPool3D(k, stride=s, padding=p, return_indices=True)(
+            input="input", output=ml.IOKey("o", expose=False), indices=ml.IOKey("i", expose=False))
+        model |= ml.MaxUnpool3D(k, stride=s, padding=p, output_size=output_size)(
+            input="o", indices="i", output="output")
+        return model(**keys)
+
+    def ref(t):
+        o, i = F.max_pool3d(t, k, s, p, return_indices=True)
+        return F.max_unpool3d(o, i, k, s, p, output_size=output_size)
+
+    x = np.round(2 * np.random.default_rng(0).standard_normal(shape))  # ties: the first max
+    _compare(block, x, ref, backend)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("norm_type, k, s, ceil, shape", [
+    (2.0, 2, None, False, (2, 2, 4, 4, 5)),
+    (1.0, 2, 1, True, (2, 3, 4, 5)),                   # unbatched
+    (3.0, (1, 2, 3), (1, 2, 2), True, (1, 2, 3, 5, 6)),
+])
+def test_lp_pool3d(backend, norm_type, k, s, ceil, shape):
+    """nn.LPPool3d / F.lp_pool3d (there was no LPPool3D)."""
+    x = np.random.default_rng(0).standard_normal(shape)
+    x = np.abs(x) if norm_type == 3.0 else x  # a negative sum's root is NaN, as torch's
+    _compare(lambda **kw: ml.LPPool3D(norm_type, k, stride=s, ceil_mode=ceil)(**kw), x,
+             lambda t: F.lp_pool3d(t, norm_type, k, s, ceil), backend)

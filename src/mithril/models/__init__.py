@@ -311,11 +311,11 @@ __all__ += ["AdaptiveAvgPool3D", "AdaptiveMaxPool3D", "AvgPool3D", "BatchNorm3D"
 from .ctc_loss import CTCLoss  # noqa: E402
 from .embedding_bag import EmbeddingBag  # noqa: E402
 from .fold import Fold, Unfold  # noqa: E402
-from .lp_pooling import LPPool1D, LPPool2D  # noqa: E402
-from .unpooling import MaxUnpool1D, MaxUnpool2D  # noqa: E402
+from .lp_pooling import LPPool1D, LPPool2D, LPPool3D  # noqa: E402
+from .unpooling import MaxUnpool1D, MaxUnpool2D, MaxUnpool3D  # noqa: E402
 
-__all__ += ["CTCLoss", "EmbeddingBag", "Fold", "LPPool1D", "LPPool2D", "MaxUnpool1D", "MaxUnpool2D",
-            "Unfold"]
+__all__ += ["CTCLoss", "EmbeddingBag", "Fold", "LPPool1D", "LPPool2D", "LPPool3D", "MaxUnpool1D",
+            "MaxUnpool2D", "MaxUnpool3D", "Unfold"]
 from .upsampling_2d import UpsamplingBilinear2D, UpsamplingNearest2D  # noqa: E402
 
 __all__ += ["UpsamplingBilinear2D", "UpsamplingNearest2D"]

@@ -1,4 +1,4 @@
-"""``LPPool1D`` / ``LPPool2D``, as torch's ``nn.LPPool1d`` / ``nn.LPPool2d``: the power-p
+"""``LPPool1D`` / ``LPPool2D`` / ``LPPool3D``, as torch's ``nn.LPPool1d/2d/3d``: the power-p
 norm of each window, (Σ x^p)^(1/p), computed as torch does: the windows' average of x^p
 (:class:`~mithril.models.pooling.AvgPool2D`, no padding, ``ceil_mode`` as given) times the
 kernel's size K, raised to 1/p. With ``ceil_mode`` a window cut by the input's end is so
@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from .operator import Operator, functional_of
-from .pooling import AvgPool1D, AvgPool2D
+from .pooling import AvgPool1D, AvgPool2D, AvgPool3D
 
 
 class _LPPool(Operator):
@@ -31,7 +31,7 @@ class _LPPool(Operator):
                 not 0 < norm_type < math.inf:
             raise ValueError(f"{who}: norm_type must be a finite number > 0, got {norm_type!r}")
         self.norm_type = float(norm_type)
-        avg = AvgPool1D if self.nd == 1 else AvgPool2D
+        avg = (AvgPool1D, AvgPool2D, AvgPool3D)[self.nd - 1]
         try:
             self.avg = avg(kernel_size, stride, 0, ceil_mode=ceil_mode)
         except (TypeError, ValueError) as e:
@@ -49,7 +49,7 @@ class _LPPool(Operator):
         F = functional_of(xp)
         p = self.norm_type
         if F is not None:
-            fn = F.lp_pool1d if self.nd == 1 else F.lp_pool2d
+            fn = (F.lp_pool1d, F.lp_pool2d, F.lp_pool3d)[self.nd - 1]
             return fn(input, p, self.kernel_size[0] if self.nd == 1 else self.kernel_size,
                       self.stride, self.ceil_mode)
         with np.errstate(invalid="ignore"):  # NumPy: a negative base's fractional power is NaN
@@ -82,3 +82,11 @@ class LPPool1D(_LPPool):
 class LPPool2D(_LPPool):
     """(Σ_window x^p)^(1/p) over windows of (N, C, H, W) or (C, H, W), as
     ``nn.LPPool2d(norm_type, kernel_size, stride=None, ceil_mode=False)`` (module docstring)."""
+
+
+class LPPool3D(_LPPool):
+    """(Σ_window x^p)^(1/p) over windows of (N, C, D, H, W) or (C, D, H, W), as
+    ``nn.LPPool3d(norm_type, kernel_size, stride=None, ceil_mode=False)`` (module docstring;
+    as torch's avg_pool3d, an input smaller than the kernel is refused)."""
+
+    nd = 3

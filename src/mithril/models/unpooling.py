@@ -1,4 +1,4 @@
-"""``MaxUnpool1D`` / ``MaxUnpool2D``, as torch's ``nn.MaxUnpool1d`` / ``nn.MaxUnpool2d``: the
+"""``MaxUnpool1D`` / ``MaxUnpool2D`` / ``MaxUnpool3D``, as torch's ``nn.MaxUnpool1d/2d/3d``: the
 partial inverse of max pooling. Each input value is written at its ``indices`` entry (a
 flat index into the output's spatial positions of its (n, c) plane, torch's
 ``max_pool(..., return_indices=True)`` form); every other output element is 0. The output's
@@ -88,7 +88,7 @@ class _MaxUnpool(Operator):
         F = functional_of(xp)
         sizes = self.out_sizes(input.shape[-self.nd:])
         if F is not None:
-            fn = F.max_unpool1d if self.nd == 1 else F.max_unpool2d
+            fn = (F.max_unpool1d, F.max_unpool2d, F.max_unpool3d)[self.nd - 1]
             return fn(input, indices.long(), self.kernel_size, self.stride, self.padding,
                       output_size=sizes)
         lead = input.shape[:-self.nd]
@@ -128,3 +128,11 @@ class MaxUnpool2D(_MaxUnpool):
     """Max pooling's partial inverse over (N, C, H, W) or (C, H, W), as ``nn.MaxUnpool2d``:
     each value written at its flat index h·W_out + w of its plane, zeros elsewhere (module
     docstring)."""
+
+
+class MaxUnpool3D(_MaxUnpool):
+    """Max pooling's partial inverse over (N, C, D, H, W) or (C, D, H, W), as
+    ``nn.MaxUnpool3d``: each value written at its flat index (d·H_out + h)·W_out + w of its
+    volume (``MaxPool3D(return_indices=True)``'s), zeros elsewhere (module docstring)."""
+
+    nd, layout = 3, "N, C, D, H, W"
