@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .half_precision import float32_forward, float32_vjp
-from .operator import backend_of
+from .operator import backend_of, stop_gradient
 from .pointwise_losses import check_number
 from .reductions import _Reduce
 
@@ -31,8 +31,19 @@ class Variance(_Reduce):
     @float32_forward  # (a half-precision statistic accumulates in float32, as torch's)
     def forward(self, xp: Any, input: Any) -> Any:
         axes = self._axes(input.ndim)
-        if backend_of(xp) == "torch":
+        kind = backend_of(xp)
+        if kind == "torch":
             return xp.t.var(input, dim=axes, correction=self.correction, keepdim=self.keepdim)
+        n = math.prod(input.shape[a] for a in axes)
+        if kind == "jax" and n <= self.correction:  # (jnp.var: NaN where torch's is inf)
+            # (the mean held: its gradient, Σ(x − mean) = 0, would be inf − inf here)
+            centered = input - stop_gradient(xp, xp.mean(input, axis=axes, keepdims=True))
+            ss = xp.sum(centered * centered, axis=axes, keepdims=self.keepdim)
+            if n == self.correction:
+                return ss / 0.0
+            # the value ss / 0 (inf, or NaN at ss = 0), the gradient torch's 2·(x − mean) / (N − c)
+            return ss / (n - self.correction) + stop_gradient(
+                xp, ss / 0.0 - ss / (n - self.correction))
         with np.errstate(divide="ignore", invalid="ignore"):
             return xp.var(input, axis=axes, ddof=self.correction, keepdims=self.keepdim)
 
@@ -43,8 +54,9 @@ class Variance(_Reduce):
         n = math.prod(x.shape[a] for a in axes)
         g = self._keep(g, x)
         with np.errstate(divide="ignore", invalid="ignore"):
-            # (the divisor max(0, N − correction), as torch's and NumPy's)
-            scale = 2.0 / (n - self.correction) if n > self.correction else np.inf
+            # (the forward divides by max(0, N − correction), as torch's and NumPy's; torch's
+            # gradient by N − correction, so 2 / (N − c) < 0 where N < c: 0 at one element)
+            scale = 2.0 / (n - self.correction) if n != self.correction else np.inf
             return {"input": (g * scale) * (x - x.mean(axis=axes, keepdims=True))}
 
     def __repr__(self) -> str:

@@ -1,0 +1,61 @@
+"""Activations and reductions against torch at their edges (values and gradients, float64,
+NumPy / torch / JAX)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import mithril as ml
+
+BACKENDS = {"numpy": ml.NumpyBackend, "torch": ml.TorchBackend, "jax": ml.JaxBackend}
+
+
+def _value_and_grad(block, backend_name, x, g, **evaluate):
+    backend = BACKENDS[backend_name](dtype="float64")
+    model = ml.Model()
+    model |= block(input="input", output="output")
+    c = ml.compile(model, backend, shapes={"input": list(x.shape)}, trainable_keys={"input"})
+    out, grads = c.evaluate({"input": backend.array(x)}, {},
+                            output_gradients={"output": backend.array(g)}, **evaluate)[:2]
+    as_np = lambda a: a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)  # noqa: E731
+    return as_np(out["output"]).astype(np.float64), as_np(grads["input"]).astype(np.float64)
+
+
+def _torch_value_and_grad(fn, x, g):
+    xt = torch.tensor(x, requires_grad=True)
+    y = fn(xt)
+    y.backward(torch.tensor(g))
+    return y.detach().numpy(), xt.grad.numpy()
+
+
+def _same(got, want):
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize(("shape", "axis", "correction"), [
+    ((3, 1, 4), 1, 2),        # one element, correction 2: NaN, gradient 2·0 / (1 − 2) = 0
+    ((2, 3), 0, 2),           # N = correction: inf, gradient ±inf
+    ((2, 3), 0, 3),           # N < correction: inf, gradient 2·(x − mean) / (N − c), finite
+    ((4, 2), (0, 1), 9),
+])
+def test_variance_with_no_degrees_of_freedom_is_torchs(backend, shape, axis, correction):
+    """Variance where N − correction <= 0 was NaN on JAX where torch's (and NumPy's) is inf,
+    and its NumPy / JAX gradient NaN or ±inf where torch's is 2·(x − mean) / (N − c)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape)
+    ref = lambda t: torch.var(t, dim=axis, correction=correction)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = rng.standard_normal(tuple(ref(torch.tensor(x)).shape))
+    want_y, want_g = _torch_value_and_grad(ref, x, g)
+    y, gx = _value_and_grad(ml.Variance(axis=axis, correction=correction), backend, x, g)
+    _same(y, want_y)
+    np.testing.assert_array_equal(np.isinf(gx), np.isinf(want_g))
+    _same(gx, want_g)
