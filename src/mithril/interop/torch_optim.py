@@ -185,6 +185,7 @@ from .torch_optim_checkpoints import TorchCheckpoints
 from .torch_optim_closure import closure_step
 from .torch_optim_complex import aliased, check_complex, point, real, reals
 from .torch_optim_groups import (  # noqa: F401 - group_keys: public here
+    check_torch_flags,
     group_keys,
     hyperparameters_for,
     joined_at,
@@ -252,6 +253,8 @@ class TorchOptimizer(TorchGroupSync, TorchCheckpoints, torch.optim.Optimizer):
             # (the path of add_param_group's too)
             given, values, self._group_names, where = torch_groups(
                 extras, counts, names, given, self._keys, defaults)
+            # (why: a group's maximize=True was taken here and refused at every step)
+            check_torch_flags(optimizer, values, self._keys)
             hp = hyperparameters_for(optimizer, self._keys, values, self._group_names, where,
                                      self._closure_driven, grouped=False)
         self._grouped = len(self._group_names) > 1
@@ -336,6 +339,8 @@ class TorchOptimizer(TorchGroupSync, TorchCheckpoints, torch.optim.Optimizer):
         given = list(zip(new_names, new_tensors)) if by_name else new_tensors
         dicts, values, added, where = torch_groups(extras, counts, new_names, given,
                                                    self._keys, self.defaults, k)
+        # (why: a group added with maximize=True was taken, and every later step refused)
+        check_torch_flags(self._mithril, values, self._keys, k)
         group_names = [*self._group_names, *added]
         hp = hyperparameters_for(self._mithril, self._keys, [*self.param_groups, values[0]],
                                  group_names, where, self._closure_driven, self._grouped)

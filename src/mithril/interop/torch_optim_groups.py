@@ -92,11 +92,12 @@ TORCH_FLAGS = ("maximize", "decoupled_weight_decay", "differentiable")
 
 
 def check_torch_flags(opt: Optimizer, groups: Sequence[Mapping[str, Any]],
-                      keys: Sequence[tuple[str, tuple]]) -> None:
+                      keys: Sequence[tuple[str, tuple]], start: int = 0) -> None:
     """Refuse groups holding one of torch's :data:`TORCH_FLAGS` that ``opt`` does not have
     at another value than what it does (``maximize`` False; ``decoupled_weight_decay``
-    True for AdamW, else False), as a torch.optim state dict or a user may set them."""
-    for i, g in enumerate(groups):
+    True for AdamW, else False), as a torch.optim state dict or a user may set them
+    (``groups`` are ``param_groups[start]`` on)."""
+    for i, g in enumerate(groups, start):
         for flag in TORCH_FLAGS:
             if flag not in g or any(flag == k for k, _ in keys):
                 continue

@@ -1,0 +1,51 @@
+"""Parameter groups against torch.optim's param_groups and optax's multi_transform (hunt 65)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mithril.interop import torch_optimizer
+from mithril.utils.optimizers import Adam
+
+
+def _params(n: int = 4) -> list[torch.nn.Parameter]:
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64)) for _ in range(n)]
+
+
+def _grads(step: int, n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(3, 2, dtype=torch.float64, generator=g) for _ in range(n)]
+
+
+def test_torch_flag_in_a_group_is_refused_when_the_group_is_given() -> None:
+    """``torch_optimizer(Adam(), [..., {"params": ..., "maximize": True}])`` was taken and
+    refused only at the first step; ``add_param_group({..., "maximize": True})`` mid-run was
+    taken too, leaving an optimizer every later step refused (the group could not be
+    dropped). Both are refused when the group is given, naming it, nothing changed: the run
+    goes on as ``torch.optim.Adam``'s without that group."""
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['maximize'\] = True: Adam has "
+                                         r"no 'maximize'"):
+        torch_optimizer(Adam(learning_rate=0.1), [{"params": _params()[:2]},
+                                                  {"params": _params()[2:], "maximize": True}])
+
+    ours, theirs = _params(), _params()
+    opt = torch_optimizer(Adam(learning_rate=0.1), ours[:2])
+    ref = torch.optim.Adam(theirs[:2], lr=0.1)
+    for step in range(6):
+        if step == 3:
+            for key, value in [("maximize", True), ("decoupled_weight_decay", True)]:
+                with pytest.raises(ValueError, match=rf"param_groups\[1\]\['{key}'\] = True"):
+                    opt.add_param_group({"params": ours[2:], "lr": 0.02, key: value})
+            assert len(opt.param_groups) == 1
+            assert [len(g["params"]) for g in opt.state_dict()["param_groups"]] == [2]
+            opt.add_param_group({"params": ours[2:], "lr": 0.02, "maximize": False})
+            ref.add_param_group({"params": theirs[2:], "lr": 0.02})
+        n = 4 if step >= 3 else 2
+        for p, q, g in zip(ours[:n], theirs[:n], _grads(step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
