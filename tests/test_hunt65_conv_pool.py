@@ -193,3 +193,14 @@ def test_lp_pool3d(backend, norm_type, k, s, ceil, shape):
     x = np.abs(x) if norm_type == 3.0 else x  # a negative sum's root is NaN, as torch's
     _compare(lambda **kw: ml.LPPool3D(norm_type, k, stride=s, ceil_mode=ceil)(**kw), x,
              lambda t: F.lp_pool3d(t, norm_type, k, s, ceil), backend)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_pad_value_with_non_constant_mode_is_refused(mode):
+    """F.pad(x, p, mode="reflect", value=1.0) raises ("doesn't take in value argument"); ours
+    silently dropped the value. value=0 stays accepted, as torch's."""
+    with pytest.raises(RuntimeError):
+        F.pad(torch.zeros(1, 1, 3), (1, 1), mode=mode, value=1.0)
+    with pytest.raises(ValueError, match=f"Pad: mode='{mode}' takes no value.*value=1.0"):
+        ml.Pad((1, 1), mode=mode, value=1.0)
+    assert ml.Pad((1, 1), mode=mode, value=0.0).mode == mode

@@ -86,6 +86,9 @@ class Pad(Operator):
                              f"top, bottom) or 6 (..., front, back), got {padding!r}")
         if not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
             raise TypeError(f"{who}: value must be a number, got {value!r}")
+        if mode != "constant" and value != 0:  # F.pad refuses it too (0 it lets pass)
+            raise ValueError(f"{who}: mode={mode!r} takes no value (only mode='constant' pads "
+                             f"with one), got value={value!r}")
         self.padding = tuple(int(p) for p in flat)
         self.nd = len(flat) // 2
         self.mode, self.value = mode, float(value)
