@@ -59,3 +59,35 @@ def test_variance_with_no_degrees_of_freedom_is_torchs(backend, shape, axis, cor
     _same(y, want_y)
     np.testing.assert_array_equal(np.isinf(gx), np.isinf(want_g))
     _same(gx, want_g)
+
+
+def _half_value_and_grad(block, backend_name, dtype, x, g):
+    backend = BACKENDS[backend_name](dtype=dtype)
+    model = ml.Model()
+    model |= block(input="input", output="output")
+    c = ml.compile(model, backend, shapes={"input": list(x.shape)}, trainable_keys={"input"})
+    out, grads = c.evaluate({"input": backend.array(x)}, {},
+                            output_gradients={"output": backend.array(g)})[:2]
+    as_np = lambda a: a.float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)  # noqa: E731
+    return as_np(out["output"]), as_np(grads["input"])
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_softplus_in_half_precision_does_not_overflow_below_the_threshold(backend, dtype):
+    """Softplus of a float16 input between β·x ≈ 11.1 and the threshold (20) was inf on NumPy
+    and JAX (e^(β·x) overflows float16) and its gradient NaN; torch computes it in float32
+    and gives x (gradient 1 − e^−x)."""
+    x = np.array([[-30.0, -12.0, -1.0, 0.0, 1.0, 11.0, 12.0, 15.0, 19.5, 20.0, 25.0]])
+    g = np.linspace(0.5, 1.5, x.size).reshape(x.shape)
+    for block, ref in ((ml.Softplus(), torch.nn.functional.softplus),
+                       (ml.Softplus(beta=2.0, threshold=30.0),
+                        lambda t: torch.nn.functional.softplus(t, 2.0, 30.0))):
+        xt = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=True)
+        y = ref(xt)
+        y.backward(torch.tensor(g, dtype=xt.dtype))
+        got_y, got_g = _half_value_and_grad(block, backend, dtype, x, g)
+        assert np.isfinite(got_y).all() and np.isfinite(got_g).all()
+        tol = 1e-3 if dtype == "float16" else 8e-3  # one rounding: half an ulp, relative
+        np.testing.assert_allclose(got_y, y.detach().float().numpy(), rtol=tol, atol=1e-6)
+        np.testing.assert_allclose(got_g, xt.grad.float().numpy(), rtol=tol, atol=1e-6)

@@ -228,7 +228,9 @@ class Softplus(Operator):
     """log(1 + e^(β·x)) / β, and x itself where β·x > ``threshold`` (for numerical
     stability), as ``torch.nn.Softplus(beta=1, threshold=20)`` / ``F.softplus``. The gradient
     is sigmoid(β·x) = e^(β·x) / (e^(β·x) + 1), and 1 above the threshold. ``beta`` > 0,
-    ``threshold`` any finite number."""
+    ``threshold`` any finite number. A float16 / bfloat16 input is computed in float32 and
+    rounded once, as torch's (in float16 e^(β·x) overflows from β·x ≈ 11.1, below the
+    threshold: softplus(15) was inf, its gradient NaN)."""
 
     vjp_ignores = frozenset({"output"})
 
@@ -236,6 +238,7 @@ class Softplus(Operator):
         self.beta = _number(beta, "Softplus", "beta", positive=True)
         self.threshold = _number(threshold, "Softplus", "threshold")
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
@@ -248,6 +251,7 @@ class Softplus(Operator):
             soft = xp.log1p(xp.exp(xp.where(bx > self.threshold, self.threshold, bx))) / self.beta
         return xp.where(bx > self.threshold, input, soft)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         bx = args["input"] * self.beta
         with np.errstate(over="ignore", invalid="ignore"):
