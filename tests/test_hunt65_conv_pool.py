@@ -149,6 +149,22 @@ def test_upsample_nearest_exact(backend, shape, kw):
              lambda t: F.interpolate(t, mode="nearest-exact", **kw), backend)
 
 
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("shape, kw", [
+    ((2, 3, 7), dict(scale_factor=0.5)),                     # 7 -> 3: windows of 3, overlapping
+    ((1, 2, 7), dict(scale_factor=1.6)),                     # 7 -> 11: upsampling
+    ((2, 2, 5, 3), dict(size=(7, 2))),
+    ((1, 1, 4, 6), dict(scale_factor=(0.7, 1 / 3), recompute_scale_factor=True)),
+    ((1, 2, 2, 3, 5), dict(scale_factor=(2.0, 1.5, 0.5))),
+])
+def test_upsample_area(backend, shape, kw):
+    """F.interpolate(mode="area"): adaptive average pooling to the output size, on every rank
+    (was refused: not among the modes)."""
+    x = np.random.default_rng(0).standard_normal(shape)
+    _compare(lambda **k: ml.Upsample(mode="area", **kw)(**k), x,
+             lambda t: F.interpolate(t, mode="area", **kw), backend)
+
+
 def test_upsample_nearest_exact_refuses_align_corners():
     with pytest.raises(ValueError, match="align_corners.*'nearest-exact'"):
         ml.Upsample(scale_factor=2, mode="nearest-exact", align_corners=False)

@@ -276,7 +276,9 @@ def test_wrong_shapes_are_named(block, shape, message):
      r"AdaptiveMaxPool2D: return_indices=True is not supported"),
     (lambda: ml.AdaptiveAvgPool1D(0), r"AdaptiveAvgPool1D: output_size must be a positive int"),
     (lambda: ml.AdaptiveAvgPool2D((2, 2, 2)), r"AdaptiveAvgPool2D: output_size must be"),
-    (lambda: ml.Upsample(scale_factor=2, mode="area"), r"Upsample: mode must be one of"),
+    (lambda: ml.Upsample(scale_factor=2, mode="nearest-area"), r"Upsample: mode must be one of"),
+    (lambda: ml.Upsample(size=2, mode="area", align_corners=False),
+     r"Upsample: align_corners can only be set"),
     (lambda: ml.Upsample(), r"Upsample: give exactly one of size and scale_factor"),
     (lambda: ml.Upsample(size=2, scale_factor=2), r"Upsample: give exactly one"),
     (lambda: ml.Upsample(size=2, align_corners=True), r"Upsample: align_corners can only be set"),
@@ -291,10 +293,10 @@ def test_bad_arguments_are_named(make, message):
 
 
 def test_torch_refuses_the_same_arguments():
-    """The refusals above that are torch's own (not ours alone: torch has mode="area")."""
+    """The refusals above are torch's own too."""
     x = torch.zeros(1, 1, 4)
     for kw in (dict(scale_factor=2, mode="nearest-area"), {}, dict(size=2, scale_factor=2),
-               dict(size=2, align_corners=True),
+               dict(size=2, align_corners=True), dict(size=2, mode="area", align_corners=False),
                dict(size=2, mode="linear", recompute_scale_factor=True)):
         with pytest.raises((ValueError, NotImplementedError)):
             F.interpolate(x, **kw)

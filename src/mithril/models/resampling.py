@@ -1,5 +1,5 @@
 """Resizing, as torch's ``nn.Upsample`` / ``F.interpolate`` (modes nearest, nearest-exact,
-linear, bilinear, trilinear, bicubic)
+linear, bilinear, trilinear, bicubic, area)
 and ``nn.PixelShuffle`` / ``nn.PixelUnshuffle``.
 
 Nearest and linear resizing, and adaptive average pooling, are a fixed linear map along each
@@ -30,6 +30,8 @@ with A = −0.75 at distances 1 + t, t, 1 − t, 2 − t (t = s − ⌊s⌋), as
 Where the output has the input's size (a ``scale_factor`` such as 1.2 on 3 pixels) torch's
 bicubic backward copies the cotangent (its same-size shortcut) while its forward
 interpolates; ours is that forward's and its true gradient, on torch too (the taps there).
+Area: adaptive average pooling to the output size (torch's ``F.interpolate(mode="area")``),
+each output the mean of the window ⌊j·n/out⌋ .. ⌈(j + 1)·n/out⌉ − 1.
 
 Forward: ``F.interpolate`` / ``F.pixel_shuffle`` on torch; on NumPy and JAX the taps gathered
 and summed per axis, the pixel shuffles a reshape and transpose.
@@ -46,8 +48,10 @@ import numpy as np
 from ..errors import ShapeError
 from .operator import Operator, backend_of, fmt
 
-UPSAMPLE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "trilinear", "bicubic")
+UPSAMPLE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "trilinear", "bicubic",
+                  "area")
 NEAREST_MODES = ("nearest", "nearest-exact")
+NO_CORNERS = (*NEAREST_MODES, "area")  # the modes that take no align_corners (as torch)
 
 
 #: per axis: (idx, weight, mask), each (out, K): output j is sum over the slots k where
@@ -164,8 +168,8 @@ def cubic_taps(n: int, out: int, scale: float | None, align_corners: bool,
 
 class Upsample(Separable):
     """``nn.Upsample`` / ``F.interpolate`` on (N, C, L) (nearest, linear), (N, C, H, W)
-    (nearest, bilinear, bicubic) or (N, C, D, H, W) (nearest, trilinear); nearest-exact on any
-    of them: exactly one of ``size`` (an int or one per axis) and
+    (nearest, bilinear, bicubic) or (N, C, D, H, W) (nearest, trilinear); nearest-exact and
+    area (adaptive average pooling to the output size) on any of them: exactly one of ``size`` (an int or one per axis) and
     ``scale_factor`` (a positive number or one per axis); ``align_corners`` (linear and cubic
     modes only; default False) and ``recompute_scale_factor`` as torch (see the module docstring)."""
 
@@ -179,7 +183,7 @@ class Upsample(Separable):
         if (size is None) == (scale_factor is None):
             raise ValueError(f"{who}: give exactly one of size and scale_factor (as torch), got "
                              f"size={size!r}, scale_factor={scale_factor!r}")
-        if align_corners is not None and mode in NEAREST_MODES:
+        if align_corners is not None and mode in NO_CORNERS:
             raise ValueError(f"{who}: align_corners can only be set with the interpolating modes "
                              f"linear / bilinear / trilinear / bicubic (as torch), got "
                              f"mode={mode!r}")
@@ -236,6 +240,10 @@ class Upsample(Separable):
 
     def taps(self, spatial: Sequence[int]) -> list[Taps]:
         out, scales = self.sizes(spatial)
+        if self.mode == "area":
+            from .adaptive_pooling import window_taps  # it imports this module
+
+            return [window_taps(n, o) for n, o in zip(spatial, out)]
         if self.mode in NEAREST_MODES:
             # torch's 1-D and 3-D forwards skip nearest_idx's shortcuts (their backwards take them)
             return [nearest_taps(n, o, r, fast=len(spatial) == 2,
@@ -266,7 +274,7 @@ class Upsample(Separable):
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
 
-            kw = {"align_corners": self.align_corners} if self.mode not in NEAREST_MODES else {}
+            kw = {"align_corners": self.align_corners} if self.mode not in NO_CORNERS else {}
             return F.interpolate(input, size=self.size, scale_factor=self.scale_factor,
                                  mode=self.mode, recompute_scale_factor=self.recompute_scale_factor
                                  if self.scale_factor is not None else None, **kw)
@@ -274,7 +282,7 @@ class Upsample(Separable):
 
     def __repr__(self) -> str:
         return (f"Upsample(size={self.size}, scale_factor={self.scale_factor}, mode={self.mode!r}"
-                + (f", align_corners={self.align_corners}" if self.mode not in NEAREST_MODES
+                + (f", align_corners={self.align_corners}" if self.mode not in NO_CORNERS
                    else "")
                 + ")")
 
