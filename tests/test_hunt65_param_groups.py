@@ -49,3 +49,47 @@ def test_torch_flag_in_a_group_is_refused_when_the_group_is_given() -> None:
         ref.step()
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_schedule_of_an_optimizer_at_zero_with_group_rates_is_refused() -> None:
+    """torch's ``Adam([{"params": frozen, "lr": 0}, {"params": head, "lr": 0.02}])`` ported
+    as ``Adam(0.0, param_groups=[{"params": ["head"], "lr": 0.02}])`` with ``StepLR(opt)``:
+    the scheduler moved the optimizer's rate (0) and every group with it, so its first step
+    set the head's rate to 0 and training stopped silently (torch's decays it from 0.02).
+    Refused now, naming the group and per_group=True, nothing changed; per_group=True gives
+    torch's rates and parameters."""
+    import numpy as np
+
+    from mithril.utils import lr_schedulers as ls
+
+    rng = np.random.default_rng(0)
+    params = {"frozen": rng.standard_normal((3, 2)), "head": rng.standard_normal(2)}
+    opt = Adam(learning_rate=0.0, param_groups=[{"params": ["head"], "lr": 0.02}])
+    for make in (lambda: ls.StepLR(opt, 2, 0.5),
+                 lambda: ls.CosineAnnealingLR(opt.hyperparameter("learning_rate"), 5, 1e-3)):
+        with pytest.raises(ValueError, match=r"param_groups\[0\] has a rate of its own "
+                                             r"\(0.02\).*per_group=True"):
+            make()
+        assert (opt.get_learning_rate(), opt.get_learning_rate(0)) == (0.0, 0.02)
+    sched = ls.StepLR(opt, 2, 0.5, per_group=True)
+
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    ref = torch.optim.Adam([{"params": [t["frozen"]], "lr": 0.0},
+                            {"params": [t["head"]], "lr": 0.02}])
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref, 2, 0.5)
+    state = opt.init(params)
+    p = {k: v.copy() for k, v in params.items()}
+    for _ in range(6):
+        grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+        p, state = opt.update(p, grads, state)
+        for k, v in t.items():
+            v.grad = torch.tensor(grads[k])
+        ref.step()
+        sched.step()
+        ref_sched.step()
+        assert np.allclose(sched.get_last_lrs(), [g["lr"] for g in ref.param_groups],
+                           rtol=1e-15, atol=0)
+    assert opt.get_learning_rate(0) == pytest.approx(0.0025, rel=1e-15)
+    for k in p:
+        np.testing.assert_allclose(p[k], t[k].detach().numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(p["frozen"], params["frozen"])

@@ -134,6 +134,8 @@ def _per_group_constructor(init: Callable) -> Callable:
         restore = (start_mod.snapshot(cls, _optimizer_of(args_seen, cls._OPTIMIZER_ARG or first),
                                       args_seen) if start else None)
         if not grouped:
+            held = _held_rates(_optimizer_of(args_seen, cls._OPTIMIZER_ARG or first)) \
+                if depth == 0 and base is None else None
             self.__dict__["_depth"] = depth + 1
             try:
                 init(self, *args, **kwargs)
@@ -141,6 +143,8 @@ def _per_group_constructor(init: Callable) -> Callable:
                 self.__dict__["_depth"] = depth
                 if depth == 0:
                     del self.__dict__["_depth"]
+            if held is not None:
+                held(cls.__name__)
         else:
             assert bound is not None
             _build_per_group(self, init, bound.arguments, lists, cls._OPTIMIZER_ARG or first)
@@ -166,6 +170,44 @@ def _optimizer_of(arguments: Mapping[str, Any] | None, name: str) -> Any:
         children = lanes_mod.children_of(arguments.get("schedulers"))
         opt = children[0].optimizer if children else None
     return opt
+
+
+def _held_rates(optimizer: Any) -> Callable[[str], None] | None:
+    """For a scheduler of the learning rate of ``optimizer`` while that is 0 and some of its
+    groups hold a rate of their own (no ratio to 0 holds one): a check to run once the
+    scheduler is built, refusing it (everything put back) if it left the rate at 0. Moving
+    the optimizer's rate, it would have set every group's to 0 at its first step, where
+    torch's schedules each group from its own rate (``per_group=True``). A schedule of its
+    own rates (``OneCycleLR``'s ``max_lr``, ``CyclicLR``'s) moves the rate off 0: taken.
+    (why: ``Adam(0.0, param_groups=[{..., "lr": 0.01}])`` with ``StepLR(opt, ...)``, torch's
+    frozen first group, stopped training every group)"""
+    from ..optimizers.groups import Hyperparameter
+
+    if isinstance(optimizer, Hyperparameter):
+        if optimizer.name != "learning_rate" or optimizer.group is not None:
+            return None
+        optimizer = optimizer.optimizer
+    opt = _hyperparameter_owner(optimizer)
+    groups = getattr(opt, "_groups", None)
+    if not isinstance(groups, list) or getattr(opt, "learning_rate", None) != 0:
+        return None
+    held = [(i, g["learning_rate"]) for i, g in enumerate(groups) if "learning_rate" in g]
+    if not held:
+        return None
+    restore = _snapshot(opt)
+
+    def check(owner: str) -> None:
+        if opt.learning_rate != 0:
+            return
+        restore()
+        i, lr = held[0]
+        raise ValueError(f"{owner}: {type(opt).__name__}'s own learning rate is 0 and "
+                         f"param_groups[{i}] has a rate of its own ({lr}): a schedule of the "
+                         f"optimizer's rate moves the groups in proportion to it, which would "
+                         f"set theirs to 0; pass per_group=True (or lists) to schedule each "
+                         f"group from its own rate, as torch's")
+
+    return check
 
 
 def _build_per_group(self: LRScheduler, init: Callable, arguments: Mapping[str, Any],
