@@ -47,8 +47,11 @@ def _lse(xp: Any, *xs: Any) -> Any:
 
 
 def _shift(xp: Any, a: Any, k: int) -> Any:
-    """``a`` moved k states right along its last axis, −inf coming in."""
-    return xp.concatenate([xp.full((*a.shape[:-1], k), _NEG, dtype=a.dtype), a[..., :-k]], -1)
+    """``a`` moved k states right along its last axis, −inf coming in (all of them when k is
+    past its length: one state, an empty target)."""
+    k = min(k, a.shape[-1])
+    return xp.concatenate([xp.full((*a.shape[:-1], k), _NEG, dtype=a.dtype),
+                           a[..., :a.shape[-1] - k]], -1)
 
 
 def _scan(xp: Any, step: Any, init: Any, xs: tuple, reverse: bool = False) -> tuple[Any, Any]:
@@ -89,7 +92,8 @@ def _alphas(xp: Any, lp: Any, lab: Any, il: Any, tl: Any) -> tuple[Any, Any, Any
     """``(nll (N,), α (T, N, L), emissions (T, N, L))``; α frozen past each input length."""
     T, n = lp.shape[0], lab.shape[0]
     lpl = xp.take_along_axis(lp, xp.broadcast_to(lab[None], (T, *lab.shape)), axis=2)
-    skip = xp.concatenate([xp.zeros((n, 2), dtype=bool), lab[:, 2:] != lab[:, :-2]], 1)
+    skip = xp.concatenate([xp.zeros((n, min(2, lab.shape[1])), dtype=bool),
+                           lab[:, 2:] != lab[:, :-2]], 1)
     # α_{−1}: probability 1 in a virtual state before state 0 (gives torch's α_0)
     init = xp.where(xp.arange(lab.shape[1]) == 0, 0.0, _NEG) + xp.zeros(lab.shape, lp.dtype)
 
@@ -109,14 +113,14 @@ def _grad(xp: Any, lp: Any, lab: Any, il: Any, tl: Any, nll: Any, alphas: Any, l
           gn: Any, zero_infinity: bool) -> Any:
     """torch's CTC gradient (see the module docstring) times the per-sequence cotangent ``gn``."""
     T, (n, L), C = lp.shape[0], lab.shape, lp.shape[2]
-    skip = xp.concatenate([lab[:, 2:] != lab[:, :-2], xp.zeros((n, 2), dtype=bool)], 1)
+    skip = xp.concatenate([lab[:, 2:] != lab[:, :-2], xp.zeros((n, min(2, L)), dtype=bool)], 1)
     # β_{il}: probability 1 in a virtual state after state 2S (gives torch's β_{il−1})
     virtual = xp.where(xp.arange(L)[None, :] == 2 * tl[:, None], 0.0, _NEG) + \
         xp.zeros(lab.shape, lp.dtype)
 
     def step(b: Any, x: tuple) -> tuple[Any, Any]:
         e, t = x
-        up = lambda k: xp.concatenate([b[:, k:], xp.full((n, k), _NEG, dtype=b.dtype)], 1)  # noqa: E731
+        up = lambda k: xp.concatenate([b[:, k:], xp.full((n, min(k, L)), _NEG, dtype=b.dtype)], 1)  # noqa: E731
         new = _lse(xp, b, up(1), xp.where(skip, up(2), _NEG)) + e
         live = (t < il)[:, None]
         return xp.where(live, new, virtual), xp.where(live, new, _NEG)
@@ -240,7 +244,7 @@ class CTCLoss(Operator):
             if tl.size and tl.max() > t[-1]:
                 bad("target_lengths", f"holds {tl.max()}, longer than the padded 'targets' "
                     f"{fmt(t)} (S = {t[-1]})")
-            rows = None if tg is None else tg.reshape(-1, t[-1])
+            rows = None if tg is None else tg.reshape(tl.size, tg.shape[-1])  # (S may be 0)
             inside = None if tg is None else np.arange(t[-1])[None] < tl[:, None]
         else:
             if t[0] is not None and tl.sum() != t[0]:

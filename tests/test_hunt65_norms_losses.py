@@ -1,0 +1,60 @@
+"""Hunt 65 (normalisation layers and losses): edge cases against ``torch.nn.functional`` in
+float64, the loss and every gradient, on NumPy, torch and JAX.
+
+* CTCLoss with padded targets of width 0 ((N, 0): every target empty) and an unbatched
+  empty target ((0,)): the extended labels have one state, the blank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mithril as ml
+
+BACKENDS = {
+    "numpy": lambda: ml.NumpyBackend(dtype="float64", seed=0),
+    "torch": lambda: ml.TorchBackend(dtype="float64", seed=0),
+    "jax": lambda: ml.JaxBackend(dtype="float64", seed=0),
+}
+
+
+def _np(v) -> np.ndarray:
+    return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("batched", [True, False])
+def test_ctc_loss_targets_of_width_zero(backend, reduction, zero_infinity, batched):
+    """Every target empty, as padded (N, 0) targets or one unbatched (0,) target: the loss is
+    −Σ_t log_probs[t, blank] over each sequence's steps, as torch's. Ours refused the data
+    ("cannot reshape array of size 0 into shape (0)"); past that, the one-state recursion
+    broadcast against two-state shifts (NumPy's gradient wrong, JAX's scan refused)."""
+    rng = np.random.default_rng(0)
+    t, n, c = 6, 3, 4
+    shape = (t, n, c) if batched else (t, c)
+    lp = np.log(rng.dirichlet(np.ones(c), shape[:-1]))
+    targets = np.zeros((n, 0) if batched else (0,), np.int64)
+    il = np.array([6, 4, 0]) if batched else np.array(5)
+    tl = np.zeros(n, np.int64) if batched else np.array(0)
+    x = torch.tensor(lp, requires_grad=True)
+    want = F.ctc_loss(x, torch.tensor(targets), torch.tensor(il), torch.tensor(tl),
+                      reduction=reduction, zero_infinity=zero_infinity)
+    g = rng.standard_normal(tuple(want.shape))
+    want.backward(torch.tensor(g))
+
+    be = BACKENDS[backend]()
+    data = {"targets": targets, "input_lengths": il, "target_lengths": tl}
+    compiled = ml.compile(ml.CTCLoss(reduction=reduction, zero_infinity=zero_infinity), be,
+                          shapes={"log_probs": list(shape),
+                                  **{k: list(v.shape) for k, v in data.items()}},
+                          trainable_keys={"log_probs"})
+    out, grads = compiled.evaluate({"log_probs": be.array(lp)},
+                                   {k: be.array(v) for k, v in data.items()},
+                                   output_gradients={"output": be.array(g)})[:2]
+    assert np.abs(_np(out["output"]) - want.detach().numpy()).max() < 1e-10
+    assert np.abs(_np(grads["log_probs"]) - x.grad.numpy()).max() < 1e-10
