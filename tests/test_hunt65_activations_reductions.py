@@ -91,3 +91,38 @@ def test_softplus_in_half_precision_does_not_overflow_below_the_threshold(backen
         tol = 1e-3 if dtype == "float16" else 8e-3  # one rounding: half an ulp, relative
         np.testing.assert_allclose(got_y, y.detach().float().numpy(), rtol=tol, atol=1e-6)
         np.testing.assert_allclose(got_g, xt.grad.float().numpy(), rtol=tol, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "elu", "celu", "selu", "silu", "mish"])
+def test_half_precision_activations_are_computed_in_float32_as_torch(backend, dtype, name):
+    """GELU, the ELU family, SiLU and Mish of a float16 / bfloat16 input were computed in
+    the half dtype on NumPy / JAX: GELU's gradient at x = −0.75 (a cancellation) was 2.5×
+    torch's in bfloat16 on JAX, ELU / CELU / SELU's JAX gradient 0 in the tail (e^−9.5 =
+    7.5e-5 lost in expm1 + 1), the tanh GELU 0 below −4. torch computes them in float32 and
+    rounds once; so do they now (a few ulps from torch's)."""
+    F = torch.nn.functional
+    block, ref = {
+        "gelu": (ml.Gelu(), F.gelu),
+        "gelu_tanh": (ml.Gelu(approximate="tanh"), lambda t: F.gelu(t, approximate="tanh")),
+        "elu": (ml.Elu(), F.elu), "celu": (ml.Celu(0.5), lambda t: F.celu(t, 0.5)),
+        "selu": (ml.Selu(), F.selu), "silu": (ml.Silu(), F.silu), "mish": (ml.Mish(), F.mish),
+    }[name]
+    x = np.linspace(-10.0, 10.0, 81)[None]
+    g = np.ones_like(x)
+    xt = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=True)
+    y = ref(xt)
+    y.backward(torch.tensor(g, dtype=xt.dtype))
+    x64 = torch.tensor(x, requires_grad=True)
+    y64 = ref(x64)
+    y64.backward(torch.tensor(g))
+    got_y, got_g = _half_value_and_grad(block, backend, dtype, x, g)
+    ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
+    for got, want, exact in ((got_y, y.detach().float().numpy(), y64.detach().numpy()),
+                             (got_g, xt.grad.float().numpy(), x64.grad.numpy())):
+        # as close to the exact value as torch's half result, give or take 4 ulps (4e-6 near 0)
+        bound = np.abs(want - exact) + 4 * ulp * np.abs(exact) + 4e-6
+        i = np.argmax(np.abs(got - exact) - bound)
+        assert (np.abs(got - exact) <= bound).all(), (x.ravel()[i], got.ravel()[i],
+                                                      want.ravel()[i], exact.ravel()[i])

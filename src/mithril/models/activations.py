@@ -130,6 +130,7 @@ class Gelu(Operator):
                              f"got {approximate!r}")
         self.approximate = bool(approximate)
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         kind = backend_of(xp)
         if kind == "numpy":
@@ -144,6 +145,7 @@ class Gelu(Operator):
 
         return jax.nn.gelu(x, approximate=False)
 
+    @float32_forward
     def forward_residuals(self, xp: Any, input: Any) -> tuple[np.ndarray, np.ndarray]:
         """NumPy: the output and Φ(x) (exact) or the tanh (approximate): the VJP's erf / tanh."""
         x = input
@@ -155,6 +157,7 @@ class Gelu(Operator):
         cdf *= 0.5
         return x * cdf, cdf
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt, residuals=None):
         x = args["input"]
         r = residuals if residuals is not None else self.forward_residuals(np, x)[1]
@@ -272,6 +275,7 @@ class _EluFamily(Operator):
     scale: float = 1.0
     input_scale: float = 1.0
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         # e^ of min(x, 0): the positive side's would overflow (a NaN gradient on JAX); where,
         # not minimum: JAX splits minimum's gradient at the tie x = 0
@@ -279,6 +283,7 @@ class _EluFamily(Operator):
         y = xp.where(input > 0, input, neg)
         return y if self.scale == 1.0 else y * self.scale
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x = args["input"]
         d = np.exp(np.minimum(x, 0) * self.input_scale) * (self.alpha * self.input_scale)
@@ -341,12 +346,14 @@ class Mish(Operator):
 
     vjp_ignores = frozenset({"output"})
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
             return F.mish(input)
         return input * xp.tanh(xp.logaddexp(input, 0))  # softplus that never overflows
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x = args["input"]
         t = np.tanh(np.logaddexp(x, 0))
@@ -400,6 +407,7 @@ class Silu(Operator):
 
     vjp_ignores = frozenset({"output"})
 
+    @float32_forward
     def forward(self, xp: Any, input: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
@@ -410,6 +418,7 @@ class Silu(Operator):
             return jax.nn.silu(input)
         return input * _expit(input)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x = args["input"]
         s = _expit(x)
