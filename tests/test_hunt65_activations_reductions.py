@@ -126,3 +126,27 @@ def test_half_precision_activations_are_computed_in_float32_as_torch(backend, dt
         i = np.argmax(np.abs(got - exact) - bound)
         assert (np.abs(got - exact) <= bound).all(), (x.ravel()[i], got.ravel()[i],
                                                       want.ravel()[i], exact.ravel()[i])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rrelu_training_slopes_in_half_precision_are_in_range(backend, dtype):
+    """RReLU in training mode drew its slope from 24 random bits cast to the input dtype: in
+    float16 2^24 overflows, so every slope was inf (NaN on JAX). Each slope lies in
+    [lower, upper] (rounded to the dtype) and the gradient is the same slope, as torch's."""
+    x = -np.ones((8, 16))
+    backend_obj = BACKENDS[backend](dtype=dtype)
+    model = ml.Model()
+    model |= ml.RReLU(0.1, 0.3)(input="input", output="output")
+    c = ml.compile(model, backend_obj, shapes={"input": [8, 16]}, trainable_keys={"input"})
+    out, grads = c.evaluate({"input": backend_obj.array(x)}, {},
+                            output_gradients={"output": backend_obj.array(np.ones((8, 16)))},
+                            training=True)[:2]
+    as_np = lambda a: a.double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)  # noqa: E731
+    slope, gx = -as_np(out["output"]), as_np(grads["input"])
+    lo = float(torch.tensor(0.1, dtype=getattr(torch, dtype)))
+    hi = float(torch.tensor(0.3, dtype=getattr(torch, dtype)))
+    assert np.isfinite(slope).all() and (slope >= lo).all() and (slope <= hi).all()
+    assert slope.std() > 0.02  # drawn, not one value
+    np.testing.assert_array_equal(gx, slope)

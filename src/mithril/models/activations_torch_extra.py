@@ -115,10 +115,17 @@ class RReLU(Operator):
         """The factor y / x: 1 where x > 0, the slope a elsewhere."""
         if not ctx.training:
             return xp.where(input > 0, 1.0, (self.lower + self.upper) / 2)
-        bits = ctx.random_bits(input) >> 8  # 24 bits: u in [0, 1) exactly in any float
+        bits = ctx.random_bits(input) >> 8  # 24 bits: u in [0, 1), exact in float32
         kind = backend_of(xp)
-        u = bits.to(input.dtype) if kind == "torch" else bits.astype(input.dtype)
+        # (a half input's slope drawn in float32 and rounded: 2^24 overflows float16, inf)
+        if kind == "torch":
+            wide = input.dtype if input.dtype.itemsize >= 4 else xp.t.float32
+            u = bits.to(wide)
+        else:
+            wide = input.dtype if input.dtype.itemsize >= 4 else np.float32
+            u = bits.astype(wide)
         a = self.lower + (self.upper - self.lower) * (u * 2.0**-24)
+        a = a.to(input.dtype) if kind == "torch" else a.astype(input.dtype)
         return xp.where(input > 0, 1.0, a)
 
     def forward(self, xp: Any, input: Any, *, ctx: Any) -> Any:
