@@ -150,3 +150,21 @@ def test_rrelu_training_slopes_in_half_precision_are_in_range(backend, dtype):
     assert np.isfinite(slope).all() and (slope >= lo).all() and (slope <= hi).all()
     assert slope.std() > 0.02  # drawn, not one value
     np.testing.assert_array_equal(gx, slope)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("correction", [0, 1])
+def test_variance_over_no_axis_reduces_nothing_on_every_backend(backend, correction):
+    """Variance(axis=()) is the variance of each element alone (shape kept, as Sum(axis=())
+    and NumPy's axis=()): the torch backend passed dim=() to torch.var, which reduces every
+    axis, and returned a scalar against the compiled shape (2, 3)."""
+    x = np.arange(6.0).reshape(2, 3)
+    g = np.ones((2, 3))
+    y, gx = _value_and_grad(ml.Variance(axis=(), correction=correction), backend, x, g)
+    # each element as a slice of one: torch.var over a new axis of size 1
+    want_y, want_g = _torch_value_and_grad(
+        lambda t: torch.var(t.unsqueeze(-1), dim=-1, correction=correction), x, g)
+    assert y.shape == (2, 3)
+    _same(y, want_y)
+    _same(gx, want_g)

@@ -33,6 +33,8 @@ class Variance(_Reduce):
         axes = self._axes(input.ndim)
         kind = backend_of(xp)
         if kind == "torch":
+            if not axes:  # (torch's dim=() reduces every axis: here none, as NumPy's axis=())
+                return xp.t.var(input.unsqueeze(-1), dim=-1, correction=self.correction)
             return xp.t.var(input, dim=axes, correction=self.correction, keepdim=self.keepdim)
         n = math.prod(input.shape[a] for a in axes)
         if kind == "jax" and n <= self.correction:  # (jnp.var: NaN where torch's is inf)
