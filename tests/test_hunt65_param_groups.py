@@ -93,3 +93,40 @@ def test_schedule_of_an_optimizer_at_zero_with_group_rates_is_refused() -> None:
     for k in p:
         np.testing.assert_allclose(p[k], t[k].detach().numpy(), rtol=1e-12, atol=1e-15)
     np.testing.assert_array_equal(p["frozen"], params["frozen"])
+
+
+def test_group_naming_an_unknown_parameter_beside_known_ones_is_said() -> None:
+    """A group listing a typo beside a real name (``["b", "bb"]``; a dict with an entry
+    no parameter has) was silent, with ``strict=True`` too: only a group matching nothing
+    was reported. It warns now, naming the unknown ones, and with ``strict=True`` the
+    update raises, params and state unchanged; the known names still take the group's
+    rate (torch's AdamW with the same groups)."""
+    import numpy as np
+
+    from mithril.utils.optimizers import AdamW
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+    grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+    for listed in (["b", "bb"], ("b", "bb"), {"b": True, "w": False, "bb": True}):
+        opt = AdamW(learning_rate=0.1, weight_decay=0.1, strict=True,
+                    param_groups=[{"params": listed, "lr": 0.02}])
+        state = opt.init(params)
+        with pytest.raises(ValueError, match=r"param_groups\[0\] names unknown parameters "
+                                             r"\['bb'\]"):
+            opt.update(params, grads, state)
+        assert state.step == 0 and not state.slot("m")["b"].any()
+
+        opt = AdamW(learning_rate=0.1, weight_decay=0.1,
+                    param_groups=[{"params": listed, "lr": 0.02}])
+        state = opt.init(params)
+        with pytest.warns(UserWarning, match=r"names unknown parameters \['bb'\]"):
+            p, state = opt.update(params, grads, state)
+        t = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+        ref = torch.optim.AdamW([{"params": [t["w"]]}, {"params": [t["b"]], "lr": 0.02}],
+                                lr=0.1, weight_decay=0.1)
+        for k, v in t.items():
+            v.grad = torch.tensor(grads[k])
+        ref.step()
+        for k in p:
+            np.testing.assert_allclose(p[k], t[k].detach().numpy(), rtol=1e-12, atol=1e-15)

@@ -201,16 +201,18 @@ def resolve(opt: Any, names: Sequence[str], no_decay: Collection[str] = ()
     claimed_earlier(groups, [gi for gi, _ in owner], names)
     # what a callable matched, by name: what state dicts and checkpoints keep
     opt._matched = matched
-    unused = [i for i, u in enumerate(used) if not u]
+    known = set(names)
     msgs = []
-    for i in unused:
-        listed = groups[i]["params"]
-        missing = [x for x in listed if x not in names] if isinstance(listed, list) else []
-        msgs.append(f"{type(opt).__name__}: param_groups[{i}] matches no parameter"
-                    + (f" (unknown names {missing})" if missing else ""))
+    for i, m in enumerate(matchers):  # (why: a typo beside a known name went unsaid)
+        missing = [x for x in m if x not in known] if isinstance(m, (list, dict)) else []
+        if not used[i]:
+            msgs.append(f"{type(opt).__name__}: param_groups[{i}] matches no parameter"
+                        + (f" (unknown names {missing})" if missing else ""))
+        elif missing:
+            msgs.append(f"{type(opt).__name__}: param_groups[{i}] names unknown parameters "
+                        f"{missing}")
     # a name an exclusion or the mask lists that no parameter has (Keras' var_names=["bias"]
     # given as names=: exact names), or an exclusion matching nothing, is as silent otherwise
-    known = set(names)
     for j, m in enumerate(excl_m):
         missing = [x for x in m if x not in known] if isinstance(m, (list, dict)) else []
         if missing or f"exclude{j}" not in matched:
