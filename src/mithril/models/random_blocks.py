@@ -101,7 +101,9 @@ class Randn(_Random):
             u1, u2 = (((b >> 8).to(t.float64) + 0.5) / 2.0 ** 24 for b in (b1, b2))
             z = t.sqrt(-2.0 * t.log(u1)) * t.cos(2.0 * np.pi * u2)
             return z.to(getattr(t, name))
-        f = np.float64 if xp is np else like.dtype  # (JAX: float64 only under x64)
+        # JAX: float64 only under x64; a half dtype cannot hold 2**24 (float16: inf) nor the
+        # uniforms' 24 bits (bfloat16: log(1) = 0), so those draw in float32 and round once
+        f = np.float64 if xp is np else like.dtype if like.dtype.itemsize >= 4 else np.float32
         u1, u2 = (((b >> 8).astype(f) + 0.5) / 2.0 ** 24 for b in (b1, b2))
         z = xp.sqrt(-2.0 * xp.log(u1)) * xp.cos(2.0 * np.pi * u2)
         if name == "bfloat16" and xp is np:
