@@ -3,6 +3,8 @@ float64, the loss and every gradient, on NumPy, torch and JAX.
 
 * CTCLoss with padded targets of width 0 ((N, 0): every target empty) and an unbatched
   empty target ((0,)): the extended labels have one state, the blank.
+* CTCLoss with an empty ``log_probs`` (T = 0 or N = 0): refused naming it on every backend,
+  as torch refuses it.
 """
 
 from __future__ import annotations
@@ -58,3 +60,28 @@ def test_ctc_loss_targets_of_width_zero(backend, reduction, zero_infinity, batch
                                    output_gradients={"output": be.array(g)})[:2]
     assert np.abs(_np(out["output"]) - want.detach().numpy()).max() < 1e-10
     assert np.abs(_np(grads["log_probs"]) - x.grad.numpy()).max() < 1e-10
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("shape", [(0, 2, 3), (5, 0, 3), (0, 3)])
+@pytest.mark.parametrize("free", [False, True])
+def test_ctc_loss_empty_log_probs_is_refused_naming_it(backend, shape, free):
+    """torch refuses an empty ``log_probs`` ("log_probs tensor must not be empty"). Ours gave
+    0 on JAX, NumPy's "need at least one array to stack" (T = 0) or a NaN mean (N = 0), and
+    torch's unnamed RuntimeError: a ShapeError naming 'log_probs' on every backend, at
+    compile time or, with free shapes, at the first evaluate."""
+    with pytest.raises(RuntimeError, match="must not be empty"):
+        F.ctc_loss(torch.zeros(shape, dtype=torch.float64), torch.zeros(shape[1:-1] + (0,),
+                   dtype=torch.long), torch.zeros(shape[1:-1], dtype=torch.long),
+                   torch.zeros(shape[1:-1], dtype=torch.long))
+    be = BACKENDS[backend]()
+    batch = shape[1:-1]
+    data = {"lp": np.zeros(shape), "t": np.zeros(batch + (0,), np.int64),
+            "il": np.zeros(batch, np.int64), "tl": np.zeros(batch, np.int64)}
+    model = ml.Model()
+    model |= ml.CTCLoss()(log_probs="lp", targets="t", input_lengths="il",
+                          target_lengths="tl", output=ml.IOKey("output"))
+    with pytest.raises(ml.ShapeError, match="'log_probs' must not be empty"):
+        shapes = None if free else {k: list(v.shape) for k, v in data.items()}
+        compiled = ml.compile(model, be, shapes=shapes)
+        compiled.evaluate({}, {k: be.array(v) for k, v in data.items()})

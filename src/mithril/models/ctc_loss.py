@@ -197,6 +197,8 @@ class CTCLoss(Operator):
         if s is not None and len(s) not in (2, 3):
             raise ShapeError(f"CTCLoss: 'log_probs' must be (T, N, C) or (T, C) unbatched, got "
                              f"{fmt(s)}")
+        if s is not None and 0 in s:  # (torch: "log_probs tensor must not be empty")
+            raise ShapeError(f"CTCLoss: 'log_probs' must not be empty (as torch), got {fmt(s)}")
         if s is not None and s[-1] is not None and s[-1] <= self.blank:
             raise ShapeError(f"CTCLoss: blank={self.blank} is not a class of 'log_probs' "
                              f"{fmt(s)} (C = {s[-1]})")
