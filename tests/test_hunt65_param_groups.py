@@ -130,3 +130,31 @@ def test_group_naming_an_unknown_parameter_beside_known_ones_is_said() -> None:
         ref.step()
         for k in p:
             np.testing.assert_allclose(p[k], t[k].detach().numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_a_groups_refused_rate_is_named_by_its_group() -> None:
+    """``opt.set_learning_rate(-1.0, group=1)`` said only "learning_rate must be >= 0"
+    (the handle's ``set`` names the group): it names ``param_groups[1]`` now, and the
+    refused call changes no group (torch's AdamW with the same groups steps alike)."""
+    import numpy as np
+
+    from mithril.utils.optimizers import AdamW
+
+    opt = AdamW(learning_rate=0.1, param_groups=[{"params": ["a"], "lr": 0.2},
+                                                 {"params": ["b"], "lr": 0.3}])
+    for bad, err in [(-1.0, ValueError), (float("nan"), ValueError), ("x", TypeError)]:
+        with pytest.raises(err, match=r"^AdamW param_groups\[1\]: learning_rate must be"):
+            opt.set_learning_rate(bad, group=1)
+    assert [opt.get_learning_rate(g) for g in (None, 0, 1)] == pytest.approx([0.1, 0.2, 0.3],
+                                                                             rel=1e-15)
+    params = {k: np.ones(2) for k in "wab"}
+    grads = {k: np.full(2, 0.5) for k in "wab"}
+    p, _ = opt.update(params, grads, opt.init(params))
+    t = {k: torch.ones(2, dtype=torch.float64, requires_grad=True) for k in "wab"}
+    ref = torch.optim.AdamW([{"params": [t["w"]]}, {"params": [t["a"]], "lr": 0.2},
+                             {"params": [t["b"]], "lr": 0.3}], lr=0.1)
+    for v in t.values():
+        v.grad = torch.full((2,), 0.5, dtype=torch.float64)
+    ref.step()
+    for k in p:
+        np.testing.assert_allclose(p[k], t[k].detach().numpy(), rtol=1e-12, atol=1e-15)

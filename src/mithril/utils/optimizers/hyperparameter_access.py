@@ -130,7 +130,10 @@ class HyperparameterAccessMixin:
             self._groups_version += bool(pinned)
             return
         g = self._group(group)
-        lr = check_positive("learning_rate", lr)
+        try:  # (why: the error did not say which group refused it)
+            lr = check_positive("learning_rate", lr)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{type(self).__name__} param_groups[{group}]: {e}") from None
         before = self.get_learning_rate(group)
         if "learning_rate" in g:
             g._drop("learning_rate")
