@@ -5,6 +5,9 @@ float64, the loss and every gradient, on NumPy, torch and JAX.
   empty target ((0,)): the extended labels have one state, the blank.
 * CTCLoss with an empty ``log_probs`` (T = 0 or N = 0): refused naming it on every backend,
   as torch refuses it.
+* BatchNorm in training mode on an empty batch (N = 0 or a spatial axis of 0): torch gives
+  an empty output, zero weight / bias gradients, leaves the running statistics and counts
+  the batch in ``num_batches_tracked`` (so a later ``momentum=None`` average divides by it).
 """
 
 from __future__ import annotations
@@ -85,3 +88,43 @@ def test_ctc_loss_empty_log_probs_is_refused_naming_it(backend, shape, free):
         shapes = None if free else {k: list(v.shape) for k, v in data.items()}
         compiled = ml.compile(model, be, shapes=shapes)
         compiled.evaluate({}, {k: be.array(v) for k, v in data.items()})
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("empty", [(0, 3, 2, 2), (2, 3, 0, 2)])
+def test_batch_norm_empty_batch_in_training_is_torchs(backend, momentum, empty):
+    """Ours refused an empty batch as "one value per channel" (torch's check is for exactly
+    one); torch's module runs it. Three training steps around it, then inference mode: the
+    outputs, the weight / bias gradients and the state match torch's after every step."""
+    rng = np.random.default_rng(0)
+    be = BACKENDS[backend]()
+    compiled = ml.compile(ml.BatchNorm2D(3, momentum=momentum), be,
+                          shapes={"input": [None, 3, None, None]})
+    ref = torch.nn.BatchNorm2d(3, momentum=momentum, dtype=torch.float64)
+    w, b = np.array([0.5, 1.5, 2.0]), np.array([0.1, 0.2, 0.3])
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(w))
+        ref.bias.copy_(torch.tensor(b))
+    params = {k: be.array(w if k.endswith("weight") else b) for k in compiled.get_parameters()}
+    state = compiled.initial_state_dict
+    steps = [((4, 3, 2, 2), True), (empty, True), ((3, 3, 2, 2), True), (empty, False),
+             ((2, 3, 2, 2), False)]
+    for shape, training in steps:
+        x, g = 1 + 2 * rng.standard_normal(shape), rng.standard_normal(shape)
+        ref.train(training)
+        ref.weight.grad = ref.bias.grad = None
+        xt = torch.tensor(x, requires_grad=True)
+        y = ref(xt)
+        y.backward(torch.tensor(g))
+        out, grads, state = compiled.evaluate(params, {"input": be.array(x)},
+                                              output_gradients={"output": be.array(g)},
+                                              state=state, training=training)
+        assert _np(out["output"]).shape == shape
+        assert np.abs(_np(out["output"]) - y.detach().numpy()).max(initial=0) < 1e-10
+        for key in params:
+            want = getattr(ref, key.rsplit(".", 1)[1]).grad.numpy()
+            assert np.abs(_np(grads[key]) - want).max() < 1e-10
+        for key, value in state.items():
+            want = getattr(ref, key.rsplit(".", 1)[1]).numpy()
+            assert np.abs(_np(value) - want).max() < 1e-10, key

@@ -147,7 +147,8 @@ class _BatchNorm(Operator):
     Parameters: ``weight`` (C,) ones, ``bias`` (C,) zeros; state: ``running_mean`` (C,) zeros,
     ``running_var`` (C,) ones, ``num_batches_tracked`` () integer 0 (none without
     ``track_running_stats``). Batch statistics (training mode, or either mode without running
-    statistics) need n > 1: a ``ValueError``, as torch.
+    statistics) refuse n = 1: a ``ValueError``, as torch; an empty batch (n = 0) gives an
+    empty output, leaves the running statistics and counts in ``num_batches_tracked``, as torch.
     """
 
     context = True
@@ -206,22 +207,26 @@ class _BatchNorm(Operator):
         return (0, *range(2, x.ndim))
 
     def _count(self, x: Any) -> int:
+        """The values per channel; one is refused (torch's check), none is an empty batch."""
         n = int(x.shape[0]) * int(np.prod(x.shape[2:], dtype=np.int64))
-        if n <= 1:
+        if n == 1:
             raise ValueError(f"{type(self).__name__}: the batch statistics (training mode, or "
                              f"track_running_stats=False) need more than one value per "
                              f"channel, got input of shape {tuple(x.shape)}")
         return n
 
-    def _update(self, ctx: Any, mean: Any, var_unbiased: Any) -> None:
+    def _update(self, ctx: Any, mean: Any, var_unbiased: Any, empty: bool = False) -> None:
         """Write the next running statistics (when the state is there: a forward pass
-        without ``state=`` outside ``evaluate`` just does not track them)."""
+        without ``state=`` outside ``evaluate`` just does not track them). An ``empty``
+        batch only counts, as torch's (its kernel leaves the statistics as they are)."""
         if not (ctx.training and self.track_running_stats and ctx.has_state("running_mean")):
             return
         rm, rv = ctx.state("running_mean"), ctx.state("running_var")
         count = ctx.state("num_batches_tracked") + 1
         m = self.momentum
-        if m is None:  # cumulative average: 1 / count (+ 0·rm[:1]: in the statistics' dtype)
+        if empty:
+            m = 0.0
+        elif m is None:  # cumulative average: 1 / count (+ 0·rm[:1]: in the statistics' dtype)
             m = 1.0 / (count + rm[:1] * 0)
         # (half precision: the statistics are float32, the state rounded once, as torch)
         ctx.update("running_mean", narrow((1 - m) * rm + m * mean, rm.dtype))
@@ -235,10 +240,16 @@ class _BatchNorm(Operator):
             import torch.nn.functional as F
 
             if batch:
-                self._count(input)  # (also without running statistics in inference mode, as torch)
+                # (also without running statistics in inference mode, as torch)
+                empty = self._count(input) == 0
                 if ctx.training:
                     x = widen(input.detach())  # (half precision: float32 statistics, as torch)
-                    self._update(ctx, x.mean(dim=self._axes(x)), x.var(dim=self._axes(x), correction=1))
+                    if empty:
+                        zero = x.sum(dim=self._axes(x))
+                        self._update(ctx, zero, zero, empty=True)
+                    else:
+                        self._update(ctx, x.mean(dim=self._axes(x)),
+                                     x.var(dim=self._axes(x), correction=1))
                 if self.eps > 0:
                     return F.batch_norm(input, None, None, weight, bias, True, 0.0, self.eps)
                 return self._torch_batch_stats(input, weight, bias)
@@ -278,11 +289,16 @@ class _BatchNorm(Operator):
             # its x̂ would be 0, the output the bias, whatever the input)
             n = self._count(x)
             axes = self._axes(x)
-            mean = xp.mean(x, axis=axes)
+            if n == 0:  # an empty batch: an empty output (mean 0, var 1: no warning)
+                mean = xp.sum(x, axis=axes)
+                var = mean + 1
+            else:
+                mean = xp.mean(x, axis=axes)
             xc = x - mean.reshape(per_channel)
-            var = xp.mean(xc * xc, axis=axes)
+            if n:
+                var = xp.mean(xc * xc, axis=axes)
             if ctx.training and update:
-                self._update(ctx, mean, var * (n / (n - 1)))
+                self._update(ctx, mean, var * (n / (n - 1)), empty=n == 0)
         else:
             mean, var = ctx.state("running_mean"), ctx.state("running_var")
             xc = x - mean.reshape(per_channel)
@@ -304,7 +320,7 @@ class _BatchNorm(Operator):
             res["bias"] = g.sum(axis=axes)
         if "input" in wrt:
             gx = g * args["weight"].reshape(per_channel) if "weight" in args else g
-            if self._batch_stats(ctx):
+            if self._batch_stats(ctx) and gx.size:
                 gx = gx - gx.mean(axis=axes, keepdims=True) \
                     - xhat * (gx * xhat).mean(axis=axes, keepdims=True)
             res["input"] = gx * inv
