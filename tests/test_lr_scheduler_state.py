@@ -243,7 +243,7 @@ VALIDATION_CASES = [
     (lambda o: LinearWarmupScheduler(o, -1, 0.0, 0.1), "warmup_steps"),
     (lambda o: LinearWarmupScheduler(o, 5, -0.1, 0.1), "start_lr"),
     (lambda o: LinearWarmupScheduler(o, 5, 0.0, math.inf), "end_lr"),
-    (lambda o: OneCycleLR(o, 0.0, 100), "max_lr"),
+    (lambda o: OneCycleLR(o, -1.0, 100), "max_lr"),
     (lambda o: OneCycleLR(o, 1.0, 0), "total_steps"),
     (lambda o: OneCycleLR(o, 1.0, 100, pct_start=1.5), "pct_start"),
     (lambda o: OneCycleLR(o, 1.0, 10, pct_start=0.1), "pct_start"),  # torch: 0 / 0 at step 0

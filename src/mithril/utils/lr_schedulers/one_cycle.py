@@ -66,7 +66,7 @@ class OneCycleLR(MomentumCycle, LRScheduler):
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
-        max_lr: peak learning rate, ``> 0``.
+        max_lr: peak learning rate, ``>= 0`` (0: the rate held at 0, as torch's).
         total_steps: number of steps in the cycle, integer ``>= 1``; or, as PyTorch,
             ``epochs`` and ``steps_per_epoch``, whose product it then is (the arguments in
             PyTorch's order, positional ones included).
@@ -136,7 +136,7 @@ class OneCycleLR(MomentumCycle, LRScheduler):
         final_div_factor: float,
         three_phase: bool,
     ) -> None:
-        max_lr = _check_real("max_lr", max_lr, gt=0.0)
+        max_lr = _check_real("max_lr", max_lr, ge=0.0)  # 0: a frozen group, as torch's
         total_steps = _check_int("total_steps", total_steps, minimum=1)
         pct_start = _check_real("pct_start", pct_start, ge=0.0, le=1.0)
         anneal_strategy = _check_choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
@@ -147,11 +147,11 @@ class OneCycleLR(MomentumCycle, LRScheduler):
 
         initial_lr = max_lr / div_factor
         min_lr = initial_lr / final_div_factor
-        if not (math.isfinite(initial_lr) and initial_lr > 0 and min_lr > 0):
+        if not (math.isfinite(initial_lr) and math.isfinite(min_lr)):
             raise ValueError(
                 f"max_lr={max_lr}, div_factor={div_factor} and final_div_factor="
                 f"{final_div_factor} give initial_lr={initial_lr} and min_lr={min_lr}; both "
-                f"must be finite and > 0"
+                f"must be finite"
             )
         # (end_step, start_lr, end_lr) with torch's exact arithmetic for the boundaries
         if three_phase:
