@@ -12,13 +12,14 @@ cotangent split in halves where the two are equal."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .connections import IOKey
-from .operator import Operator, ShapeError, fmt, promote, torch_of, unbroadcast
+from .operator import Operator, ShapeError, backend_of, fmt, promote, torch_of, unbroadcast
 from .primitives import _Broadcasting
 from .shape_wires import ShapeArgs, ShapeWire, array_shapes, resolve_sizes
 
@@ -251,15 +252,45 @@ class _Extremum(_Broadcasting):
     def forward(self, xp: Any, left: Any, right: Any) -> Any:
         left, right = promote(left, right)
         t = torch_of(xp)
+        if backend_of(xp) == "jax" and xp.issubdtype(left.dtype, xp.inexact):
+            # (jnp's own gradient is 0 for both operands where one is NaN; torch's is whole)
+            return _jax_extremum(self._fn, self._sign)(*xp.broadcast_arrays(left, right))
         return getattr(t if t is not None else xp, self._fn)(left, right)
 
     def vjp(self, g, out, args, wrt):
-        left, right = args["left"], args["right"]
-        d = self._sign * (left - right)
-        share = {"left": np.where(d > 0, 1.0, np.where(d == 0, 0.5, 0.0)),
-                 "right": np.where(d < 0, 1.0, np.where(d == 0, 0.5, 0.0))}
+        share = _shares(np, args["left"], args["right"], self._sign)
         return {k: unbroadcast((g * share[k]).astype(g.dtype, copy=False), np.shape(args[k]))
                 for k in wrt}
+
+
+def _shares(xp: Any, left: Any, right: Any, sign: int) -> dict[str, Any]:
+    """torch's shares of the cotangent: half each at a tie (infinities too), nothing for the
+    operand that loses, the whole to both where either is NaN (neither loses)."""
+    win, lose = (left > right, left < right) if sign > 0 else (left < right, left > right)
+    tie = left == right
+    return {"left": xp.where(tie, 0.5, xp.where(lose, 0.0, 1.0)),
+            "right": xp.where(tie, 0.5, xp.where(win, 0.0, 1.0))}
+
+
+@functools.lru_cache(maxsize=2)
+def _jax_extremum(fn: str, sign: int) -> Any:
+    """``jnp.maximum`` / ``jnp.minimum`` of two arrays of one shape with torch's gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_vjp
+    def op(left: Any, right: Any) -> Any:
+        return getattr(jnp, fn)(left, right)
+
+    def fwd(left: Any, right: Any) -> tuple[Any, Any]:
+        return op(left, right), (left, right)
+
+    def bwd(res: tuple, g: Any) -> tuple:
+        share = _shares(jnp, *res, sign)
+        return tuple((g * share[k]).astype(g.dtype) for k in ("left", "right"))
+
+    op.defvjp(fwd, bwd)
+    return op
 
 
 class Minimum(_Extremum):
