@@ -56,3 +56,56 @@ def test_one_cycle_with_a_frozen_group_is_torchs(max_lr):
             topt.step()
             theirs.step()
             ours.step()
+
+
+BCE_WEIGHTS = [np.array([0.5, 2.0, -1.0]), np.array([[3.0], [0.25]]), np.array([1.5]),
+               np.arange(6.0).reshape(2, 3) - 2.0]
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+@pytest.mark.parametrize("input_type", ["logits", "probs"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("wi", range(len(BCE_WEIGHTS)))
+def test_binary_cross_entropy_weight_is_torchs(name, input_type, reduction, wi):
+    """BinaryCrossEntropy(weight=...) rescales each element's loss as torch's ``weight``
+    (broadcast; "mean" over the elements), with pos_weight too for logits: values and the
+    gradients of input and target on every backend (``weight`` was not an argument)."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(wi)
+    x = rng.standard_normal((2, 3)) if input_type == "logits" else rng.uniform(0.05, 0.95, (2, 3))
+    t = rng.uniform(0.0, 1.0, (2, 3))
+    w = BCE_WEIGHTS[wi]
+    pw = [2.0, 0.5, 1.0] if input_type == "logits" else 1.0
+    xt, tt = (torch.tensor(a, requires_grad=True) for a in (x, t))
+    if input_type == "logits":
+        ref = F.binary_cross_entropy_with_logits(xt, tt, weight=torch.tensor(w),
+                                                 pos_weight=torch.tensor(pw), reduction=reduction)
+    else:
+        ref = F.binary_cross_entropy(xt, tt, weight=torch.tensor(w), reduction=reduction)
+    g = rng.standard_normal(tuple(ref.shape))
+    ref.backward(torch.tensor(g))
+    be = BACKENDS[name](dtype="float64")
+    model = ml.Model()
+    model |= ml.BinaryCrossEntropy(input_type, pos_weight=pw, weight=w, reduction=reduction)(
+        input="x", target="t", output=ml.IOKey("loss"))
+    compiled = ml.compile(model, be, shapes={"x": [2, 3], "t": [2, 3]},
+                          trainable_keys={"x", "t"})
+    out, grads = compiled.evaluate({"x": be.array(x), "t": be.array(t)}, {},
+                                   output_gradients={"loss": be.array(g)})
+    np.testing.assert_allclose(np.asarray(be.to_numpy(out["loss"])), ref.detach().numpy(),
+                               rtol=1e-12, atol=1e-14)
+    for key, tensor in (("x", xt), ("t", tt)):
+        np.testing.assert_allclose(np.asarray(be.to_numpy(grads[key])), tensor.grad.numpy(),
+                                   rtol=1e-12, atol=1e-14, err_msg=key)
+
+
+def test_binary_cross_entropy_weight_is_checked():
+    with pytest.raises(ValueError, match="weight must be an array of finite numbers"):
+        ml.BinaryCrossEntropy(weight=[1.0, float("nan")])
+    model = ml.Model()
+    model |= ml.BinaryCrossEntropy(weight=np.ones(4))(input="x", target="t",
+                                                      output=ml.IOKey("loss"))
+    with pytest.raises(ml.ShapeError, match=r"weight of shape \(4,\) does not broadcast"):
+        ml.compile(model, ml.NumpyBackend(), shapes={"x": [2, 3], "t": [2, 3]})

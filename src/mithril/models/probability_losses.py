@@ -86,13 +86,17 @@ class BinaryCrossEntropy(Operator):
     a torch tensor, as torch's ``pos_weight``), one per class: broadcast over
     the last axis (its length that axis's, or 1), as torch's ``pos_weight`` tensor (the
     published "auto", a weight from the batch's labels, is not offered); ``robust`` changes nothing for logits (the log there is of a
-    number >= 1). Both ``input`` and ``target`` are differentiable."""
+    number >= 1). ``weight`` (torch's): a fixed array of finite numbers broadcast to the
+    input's shape (a list, a NumPy array or a torch tensor) that multiplies each element's
+    loss before the reduction; "mean" still divides by the number of elements, as torch's.
+    Both ``input`` and ``target`` are differentiable."""
 
     inputs = ("input", "target")
 
     def __init__(self, input_type: str = "logits",
                  pos_weight: float | Sequence[float] | np.ndarray = 1.0, robust: bool = False,
-                 cutoff: float | None = None, reduction: str = "mean") -> None:
+                 cutoff: float | None = None, reduction: str = "mean",
+                 weight: Sequence[float] | np.ndarray | None = None) -> None:
         if input_type not in ("logits", "probs"):
             raise ValueError("BinaryCrossEntropy: input_type must be 'logits' or 'probs', got "
                              f"{input_type!r}")
@@ -120,9 +124,23 @@ class BinaryCrossEntropy(Operator):
         self.cutoff = None if cutoff is None else check_number(
             "BinaryCrossEntropy", "cutoff", cutoff, 0.0, open_lo=True)
         self.reduction = check_reduction("BinaryCrossEntropy", reduction)
+        self.weight = None
+        if weight is not None:
+            if hasattr(weight, "detach"):  # a torch tensor, as torch's weight (no grad)
+                weight = weight.detach().cpu().numpy()
+            w = np.asarray(weight)
+            if w.dtype.kind not in "iuf" or not np.isfinite(w).all():
+                raise ValueError("BinaryCrossEntropy: weight must be an array of finite numbers "
+                                 f"(broadcast to the input's shape), got {weight!r}")
+            self.weight = w.astype(np.float64)
 
     def infer_shape(self, shapes):
         s = unify(shapes.get("input"), shapes.get("target"), "input", "target")
+        w = self.weight
+        if w is not None and s is not None and (w.ndim > len(s) or any(
+                n not in (1, m) and m is not None for n, m in zip(w.shape[::-1], s[::-1]))):
+            raise ShapeError(f"BinaryCrossEntropy: weight of shape {w.shape} does not broadcast "
+                             f"to the input's shape {fmt(s)}")
         pw = self.pos_weight
         if isinstance(pw, np.ndarray) and pw.size != 1 and s is not None and (
                 not len(s) or s[-1] not in (None, pw.size)):
@@ -148,14 +166,22 @@ class BinaryCrossEntropy(Operator):
             return robust_log(xp, p, c), robust_log(xp, 1 - p, c)
         return _floored_log(xp, p), _floored_log1m(xp, p)
 
+    def _rescale(self, xp: Any, like: Any) -> Any:
+        """``weight`` in ``like``'s backend and dtype (None: none)."""
+        if self.weight is None:
+            return None
+        if backend_of(xp) == "torch":
+            return like.new_tensor(self.weight)
+        return xp.asarray(self.weight, dtype=like.dtype)
+
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
-        w = self._weight(xp, input)
+        w, rescale = self._weight(xp, input), self._rescale(xp, input)
         if self.input_type == "logits":
             F = functional_of(xp)
             if F is not None:
                 pw = None if self._unit() else input.new_tensor(self.pos_weight)
                 return F.binary_cross_entropy_with_logits(input, target, reduction=self.reduction,
-                                                          pos_weight=pw)
+                                                          pos_weight=pw, weight=rescale)
             if backend_of(xp) == "jax":
                 import jax
 
@@ -167,12 +193,14 @@ class BinaryCrossEntropy(Operator):
         else:
             lp, l1p = self._logs(xp, input)
             loss = -((target if self._unit() else w * target) * lp + (1 - target) * l1p)
-        return reduce(xp, loss, self.reduction)
+        return reduce(xp, loss if rescale is None else loss * rescale, self.reduction)
 
     def vjp(self, g, out, args, wrt):
         x, t = args["input"], args["target"]
         w = self._weight(np, x)
         ge = elementwise_cotangent(g, x.shape, self.reduction)
+        if self.weight is not None:
+            ge = ge * self.weight.astype(x.dtype)
         res = {}
         if self.input_type == "logits":
             lw = (w - 1) * t + 1
@@ -198,6 +226,7 @@ class BinaryCrossEntropy(Operator):
         pw = self.pos_weight
         extra = "" if self._unit() else \
             f", pos_weight={pw.tolist() if isinstance(pw, np.ndarray) else pw}"
+        extra += "" if self.weight is None else f", weight={self.weight.tolist()}"
         extra += ", robust=True" if self.robust else ""
         extra += "" if self.cutoff is None else f", cutoff={self.cutoff}"
         return (f"BinaryCrossEntropy(input_type={self.input_type!r}{extra}, "
