@@ -109,3 +109,24 @@ def test_binary_cross_entropy_weight_is_checked():
                                                       output=ml.IOKey("loss"))
     with pytest.raises(ml.ShapeError, match=r"weight of shape \(4,\) does not broadcast"):
         ml.compile(model, ml.NumpyBackend(), shapes={"x": [2, 3], "t": [2, 3]})
+
+
+def test_numpy_max_unpool_of_a_larger_pool_names_the_index():
+    """MaxPool2D of a 5x5 input into MaxUnpool2D without output_size: an index past the 4x4
+    output is torch's "invalid max index"; NumPy raised its own IndexError (negative ones
+    would wrap), now a ValueError naming the index and the plane."""
+    import torch
+    import torch.nn.functional as F
+
+    x = np.arange(25.0).reshape(1, 1, 5, 5)
+    out, idx = F.max_pool2d(torch.tensor(x), 2, return_indices=True)
+    with pytest.raises(RuntimeError, match="invalid max index"):
+        F.max_unpool2d(out, idx, 2)
+    model = ml.Model()
+    model |= ml.MaxPool2D(2, return_indices=True)(
+        input="input", output=ml.IOKey("o", expose=False), indices=ml.IOKey("i", expose=False))
+    model |= ml.MaxUnpool2D(2)(input="o", indices="i", output=ml.IOKey("output"))
+    compiled = ml.compile(model, ml.NumpyBackend(dtype="float64"), shapes={"input": [1, 1, 5, 5]})
+    with pytest.raises(ValueError, match=r"MaxUnpool2D: indices holds 18: indices must be in "
+                                         r"\[0, 15\]"):
+        compiled.evaluate({}, {"input": x})

@@ -101,6 +101,12 @@ class _MaxUnpool(Operator):
             added = out.at[rows, idx].add(x)
             return (stop_gradient(xp, out.at[rows, idx].set(x)) +
                     (added - stop_gradient(xp, added))).reshape(*lead, *sizes)
+        if idx.size and (idx.min() < 0 or idx.max() >= out.shape[1]):  # from a block (a MaxPool
+            # of a larger input): torch's "invalid max index"; NumPy would wrap or IndexError
+            bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+            raise ValueError(f"{type(self).__name__}: indices holds {bad}: indices must be in "
+                             f"[0, {out.shape[1] - 1}] (the output's {out.shape[1]} positions "
+                             f"per plane; a MaxPool of a larger input needs output_size)")
         out[rows, idx] = x
         return out.reshape(*lead, *sizes)
 
