@@ -31,3 +31,23 @@ def test_extremum_gradient_at_infinite_ties_and_nan_is_torchs(backend, block, fn
     np.testing.assert_array_equal(np.asarray(out["output"]), y.detach().numpy())
     np.testing.assert_allclose(np.asarray(grads["left"]), tl.grad.numpy(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.asarray(grads["right"]), tr.grad.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_backend_flatten_refuses_dims_out_of_range_as_torch(backend):
+    # flatten(x, 5) on a 3-d x returned x unchanged, flatten(x, 0, 7) merged axes 0..1 and
+    # flatten(x, -4, -1) only the last axis (the dims wrapped modulo the rank); torch raises
+    b = BACKENDS[backend](dtype="float64")
+    x = b.ones(2, 3, 4)
+    for dims in [(5,), (0, 7), (-4, -1), (0, 3)]:
+        with pytest.raises(IndexError):
+            torch.ones(2, 3, 4).flatten(*dims)
+        with pytest.raises(IndexError, match="out of range"):
+            b.flatten(x, *dims)
+    for dims in [(0, -1), (-3, -2), (1, 2), (2, 2)]:
+        assert tuple(b.flatten(x, *dims).shape) == tuple(torch.ones(2, 3, 4).flatten(*dims).shape)
+    s = b.ones(())
+    assert tuple(b.flatten(s).shape) == tuple(torch.flatten(torch.tensor(1.0)).shape) == (1,)
+    assert tuple(b.flatten(s, -1, 0).shape) == (1,)
+    with pytest.raises(IndexError):
+        b.flatten(s, 1)

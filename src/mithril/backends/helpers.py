@@ -380,6 +380,10 @@ class ArrayHelpers:
         """``input`` with the axes ``start_dim`` .. ``end_dim`` (inclusive) merged into one."""
         x = self._native(input)
         n = x.ndim
+        for key, d in (("start_dim", start_dim), ("end_dim", end_dim)):
+            if not -max(n, 1) <= d < max(n, 1):  # (torch: a 0-d input's axes are [-1, 0])
+                raise IndexError(f"flatten(): {key}={d} is out of range for an input of "
+                                 f"{n} dimensions")
         if n == 0:
             return self.reshape(x, (1,))
         s, e = start_dim % n, end_dim % n
