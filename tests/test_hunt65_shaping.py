@@ -51,3 +51,28 @@ def test_backend_flatten_refuses_dims_out_of_range_as_torch(backend):
     assert tuple(b.flatten(s, -1, 0).shape) == (1,)
     with pytest.raises(IndexError):
         b.flatten(s, 1)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_flatten_block_of_a_scalar_takes_torchs_dims_only(backend):
+    # a 0-d input became (1,) whatever start_dim / end_dim were (Flatten() is start_dim=1,
+    # nn.Flatten's: torch raises there); its axes are [-1, 0], as torch's
+    x = np.array(2.5)
+    for dims in [(0, -1), (-1, 0), (0, 0)]:
+        model = ml.Model()
+        model |= ml.Flatten(*dims)(input="input", output="output")
+        compiled = ml.compile(model, BACKENDS[backend](dtype="float64"), shapes={"input": []},
+                              trainable_keys={"input"})
+        out, grads = compiled.evaluate({"input": x}, {}, output_gradients={"output": np.ones(1)})
+        tx = torch.tensor(x, requires_grad=True)
+        y = torch.flatten(tx, *dims)
+        y.sum().backward()
+        np.testing.assert_array_equal(np.asarray(out["output"]), y.detach().numpy())
+        np.testing.assert_array_equal(np.asarray(grads["input"]), tx.grad.numpy())
+    for dims in [(1, -1), (0, 1), (-2, -1)]:
+        with pytest.raises(IndexError):
+            torch.flatten(torch.tensor(x), *dims)
+        model = ml.Model()
+        model |= ml.Flatten(*dims)(input="input", output="output")
+        with pytest.raises(ml.ShapeError, match="does not fit an input of 0 dimensions"):
+            ml.compile(model, BACKENDS[backend](dtype="float64"), shapes={"input": []})

@@ -423,11 +423,10 @@ class Flatten(Operator):
         self.start_dim, self.end_dim = int(start_dim), int(end_dim)
 
     def _span(self, ndim: int) -> tuple[int, int]:
-        lo = self.start_dim + ndim if self.start_dim < 0 else self.start_dim
-        hi = self.end_dim + ndim if self.end_dim < 0 else self.end_dim
-        if ndim == 0:
-            return 0, 0
-        if not (0 <= lo < ndim and 0 <= hi < ndim) or lo > hi:
+        n = max(ndim, 1)  # (torch: a 0-d input's axes are [-1, 0])
+        lo = self.start_dim + n if self.start_dim < 0 else self.start_dim
+        hi = self.end_dim + n if self.end_dim < 0 else self.end_dim
+        if not (0 <= lo < n and 0 <= hi < n) or lo > hi:
             raise ShapeError(f"Flatten(start_dim={self.start_dim}, end_dim={self.end_dim}) does not "
                              f"fit an input of {ndim} dimensions")
         return lo, hi + 1
@@ -436,17 +435,17 @@ class Flatten(Operator):
         s = shapes.get("input")
         if s is None:
             return None
+        lo, hi = self._span(len(s))
         if len(s) == 0:
             return (1,)
-        lo, hi = self._span(len(s))
         mid = s[lo:hi]
         n = None if any(d is None for d in mid) else int(np.prod(mid, dtype=np.int64))
         return (*s[:lo], n, *s[hi:])
 
     def forward(self, xp: Any, input: Any) -> Any:
+        lo, hi = self._span(input.ndim)
         if input.ndim == 0:
             return input.reshape((1,))
-        lo, hi = self._span(input.ndim)
         # the merged size itself, not -1: -1 is ambiguous when another axis is 0 (an empty
         # batch: NumPy, JAX and torch refuse it), where torch.flatten gives (0, C·H·W)
         n = math.prod(int(d) for d in input.shape[lo:hi])
