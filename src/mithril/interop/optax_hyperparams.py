@@ -221,12 +221,22 @@ def check_schedules(opt: Any, schedules: Any, traced: tuple[str, ...]) -> dict[s
     return dict(schedules)
 
 
-def scheduled(schedules: Mapping[str, Callable] | None, count: Any) -> dict[str, Any]:
+def scheduled(schedules: Mapping[str, Callable] | None, count: Any,
+              held: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Each scheduled hyperparameter's value at the 0-based step ``count`` (as optax calls
-    its ``ScalarOrSchedule`` hyperparameters: ademamix's ``alpha(count)``)."""
+    its ``ScalarOrSchedule`` hyperparameters: ademamix's ``alpha(count)``); one given as a
+    Python number is read from ``held`` (the state's ``hyperparams``) where it is there, as
+    ``optax.inject_hyperparams`` keeps its numeric ones: a value written there between steps
+    is the one used (and kept)."""
     import jax.numpy as jnp
 
-    return {k: jnp.asarray(fn(count)) for k, fn in (schedules or {}).items()}
+    return {k: jnp.asarray(held[k] if _is_held(fn) and held is not None and k in held
+                           else fn(count)) for k, fn in (schedules or {}).items()}
+
+
+def _is_held(fn: Callable) -> bool:
+    return isinstance(fn, functools.partial) and fn.func is _constant and \
+        isinstance(fn.args[0], numbers.Real)
 
 
 def as_schedules(opt: Any, schedules: Mapping[str, Callable] | None,

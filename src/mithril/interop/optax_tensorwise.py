@@ -246,7 +246,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         t = count + 1
         lr = _step_lr(learning_rate, state)
         driven = {k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)}
-        now = scheduled(sched, count)
+        now = scheduled(sched, count, state.hyperparams)
         driven.update(now)
         avg_w = _averaging_weights(opt, t)
         late = joined(plan, t)  # (groups that join after the first steps: see joined)

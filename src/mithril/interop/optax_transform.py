@@ -278,7 +278,9 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
 
     ``**hyperparameters``: other float hyperparameters by our names (``beta1=0.95``), each
     a number (a 0-d array) or a schedule, read by the program at every update as
-    ``schedules`` are. With ``optax.inject_hyperparams`` (which sees named arguments only),
+    ``schedules`` are; a Python number is kept in ``state.hyperparams`` and read from there
+    (write ``state.hyperparams["beta1"]`` between steps, as the learning rate). With
+    ``optax.inject_hyperparams`` (which sees named arguments only),
     name them in a factory, and ``state.hyperparams["beta1"]`` can be set between steps as
     optax's ``"b1"`` (nothing recompiles)::
 
@@ -434,7 +436,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         lr = _step_lr(learning_rate, state)
         driven = {h: state.hyperparams[h] for h in driven_hyper}
         driven.update({k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)})
-        now = scheduled(sched, count)
+        now = scheduled(sched, count, state.hyperparams)
         driven.update(now)
         # (an optimizer whose reference counts per group keeps missed steps out: counts_missed)
         lost = jnp.asarray(missed, t.dtype) if missed is not None and leaves and getattr(

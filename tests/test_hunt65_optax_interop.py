@@ -1,0 +1,81 @@
+"""An optax user's loop around ``optax_transformation``, side by side with optax (float64,
+jitted): hyperparameters written into ``opt_state.hyperparams`` between steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from conftest import jax_float64
+
+from mithril.interop import optax_transformation
+from mithril.utils.optimizers import SGD, Adam, Muon
+
+
+def params_of() -> dict:
+    rng = np.random.default_rng(0)
+    return {"enc": {"kernel": jnp.asarray(rng.standard_normal((4, 3))),
+                    "bias": jnp.asarray(rng.standard_normal(3))},
+            "head": (jnp.asarray(rng.standard_normal(3)), None),
+            "scale": jnp.asarray(0.7)}
+
+
+def loss(p: Any) -> Any:
+    return sum(jnp.sum(jnp.sin(2 * x) + 0.5 * x * x) for x in jax.tree.leaves(p))
+
+
+def run(tx: Any, writes: dict[str, float], at: int = 4, steps: int = 10) -> tuple[list, Any]:
+    step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+    p, state, out = params_of(), tx.init(params_of()), []
+    for i in range(steps):
+        if i == at:
+            state.hyperparams.update(writes)
+        u, state = step(p, state)
+        p = optax.apply_updates(p, u)
+        out.append(jax.tree.map(np.array, p))
+    return out, state
+
+
+def gap(a: list, b: list) -> float:
+    return max(float(np.max(np.abs(x - y))) for pa, pb in zip(a, b)
+               for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+
+
+def test_a_number_keyword_hyperparameter_written_in_the_state_is_used_as_optaxs():
+    """Regression: ``optax_transformation(Adam(), beta1=0.9)`` keeps ``beta1`` in
+    ``state.hyperparams`` (docs: "a loop that writes opt_state.hyperparams['beta1'], as with
+    optax.inject_hyperparams, steps as optax's does"), but each update recomputed it from the
+    constant: the write was silently ignored and overwritten (3e-2 from optax after 10
+    steps). It is read from the state now, as the learning rate is; a schedule still wins."""
+    with jax_float64():
+        ref, ref_state = run(optax.inject_hyperparams(optax.adam)(
+            learning_rate=0.05, b1=0.9, b2=0.99), {"b1": 0.5, "b2": 0.9, "learning_rate": 0.02})
+        ours, state = run(optax_transformation(Adam(0.05, convention="optax"), beta1=0.9,
+                                               beta2=0.99),
+                          {"beta1": 0.5, "beta2": 0.9, "learning_rate": 0.02})
+        unchanged, _ = run(optax.inject_hyperparams(optax.adam)(
+            learning_rate=0.05, b1=0.9, b2=0.99), {"learning_rate": 0.02})
+        assert gap(ours, ref) < 1e-12
+        assert gap(ref, unchanged) > 1e-3  # (the writes matter)
+        assert float(state.hyperparams["beta1"]) == 0.5  # kept, as optax's b1
+        assert float(ref_state.hyperparams["b1"]) == 0.5
+        # SGD's momentum, and a tensorwise optimizer (Muon) the same way
+        ref, _ = run(optax.inject_hyperparams(optax.sgd)(learning_rate=0.05, momentum=0.9),
+                     {"momentum": 0.3})
+        ours, _ = run(optax_transformation(SGD(0.05, momentum=0.9), momentum=0.9),
+                      {"momentum": 0.3})
+        assert gap(ours, ref) < 1e-12
+        muon = Muon(0.05, momentum=0.9)
+        a, _ = run(optax_transformation(muon, momentum=0.9), {"momentum": 0.3})
+        b, _ = run(optax_transformation(Muon(0.05, momentum=0.9), momentum=0.9), {})
+        assert gap(a[:4], b[:4]) == 0 and gap(a, b) > 1e-4  # the write counts from step 5
+        # a schedule's value is the schedule's, as optax overwrites a scheduled b1
+        sched = optax.linear_schedule(0.9, 0.5, 6)
+        ref, _ = run(optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=sched),
+                     {"b1": 0.1})
+        ours, _ = run(optax_transformation(Adam(0.05, convention="optax"), beta1=sched),
+                      {"beta1": 0.1})
+        assert gap(ours, ref) < 1e-8  # (the schedule's float32 values, rounded alike)
