@@ -76,3 +76,22 @@ def test_flatten_block_of_a_scalar_takes_torchs_dims_only(backend):
         model |= ml.Flatten(*dims)(input="input", output="output")
         with pytest.raises(ml.ShapeError, match="does not fit an input of 0 dimensions"):
             ml.compile(model, BACKENDS[backend](dtype="float64"), shapes={"input": []})
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("index", [slice(None, 3), slice(-2, None), slice(3, None, -1),
+                                   (slice(1, 3), slice(None, None, -1))])
+def test_slice_of_a_free_axis_shorter_than_its_bounds_is_clipped(backend, index):
+    # x[:3] over a free batch axis was inferred as 3 rows, so a batch of 2 (or 1, or 0) was
+    # a ShapeError ('output' has shape [3, 3]); as NumPy and torch, the slice is clipped
+    model = ml.Model()
+    model |= ml.Indexer(index)(input="input", output="output")
+    compiled = ml.compile(model, BACKENDS[backend](dtype="float64"), shapes={"input": [None, 3]})
+    for n in (5, 2, 1, 0):
+        x = np.arange(n * 3.0).reshape(n, 3)
+        got = np.asarray(compiled.evaluate({}, {"input": x})["output"])
+        t = torch.tensor(x)
+        want = (t[:4].flip(0) if index == slice(3, None, -1) else  # (torch: no negative step)
+                t[1:3].flip(1) if isinstance(index, tuple) else t[index]).numpy()
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)

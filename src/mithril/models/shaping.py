@@ -401,15 +401,24 @@ def _index_shape(s: tuple, index: Any) -> tuple:
     stride-0 arrays with two different sizes standing for free dimensions; entries that
     differ depend on a free dimension and are free too."""
     s = _mask_axes(s, index)
-    out = []
-    for fill in (10007, 10009):
-        dummy = np.broadcast_to(np.empty((), np.int8), tuple(fill if d is None else d for d in s))
+    shape_at = lambda sizes: np.broadcast_to(np.empty((), np.int8), tuple(sizes))[index].shape  # noqa: E731
+    try:
+        a, b = (shape_at([fill if d is None else d for d in s]) for fill in (10007, 10009))
+    except IndexError as e:
+        raise ShapeError(f"index {index!r} does not fit shape {fmt(s)}: {e}") from None
+    shape = [x if x == y else None for x, y in zip(a, b, strict=True)]
+    # a slice of a free axis shorter than its bounds is clipped (x[:3] of 2 rows is 2 rows):
+    # sizes just below each bound find the entries that depend on the free axis there too
+    items = index if isinstance(index, tuple) else (index,)
+    small = {max(abs(int(f)) - 1, 0) for i in items if isinstance(i, slice)
+             for f in (i.start, i.stop) if f is not None}
+    for k, n in ((k, n) for k, d in enumerate(s) if d is None for n in small):
         try:
-            out.append(dummy[index].shape)
-        except IndexError as e:
-            raise ShapeError(f"index {index!r} does not fit shape {fmt(s)}: {e}") from None
-    a, b = out
-    return tuple(x if x == y else None for x, y in zip(a, b, strict=True))
+            c = shape_at([n if j == k else 10007 if d is None else d for j, d in enumerate(s)])
+        except IndexError:  # (an int index past n: the run refuses such an input)
+            continue
+        shape = [x if x == y else None for x, y in zip(shape, c, strict=True)]
+    return tuple(shape)
 
 
 def _as_index(i: Any) -> Any:
