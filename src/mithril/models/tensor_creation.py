@@ -287,7 +287,7 @@ def _jax_extremum(fn: str, sign: int) -> Any:
 
     def bwd(res: tuple, g: Any) -> tuple:
         share = _shares(jnp, *res, sign)
-        return tuple((g * share[k]).astype(g.dtype) for k in ("left", "right"))
+        return tuple((g * share[k]).astype(x.dtype) for k, x in zip(share, res, strict=True))
 
     op.defvjp(fwd, bwd)
     return op
