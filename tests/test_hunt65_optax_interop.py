@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import jax_float64
 
 from mithril.interop import optax_transformation
@@ -79,3 +80,35 @@ def test_a_number_keyword_hyperparameter_written_in_the_state_is_used_as_optaxs(
         ours, _ = run(optax_transformation(Adam(0.05, convention="optax"), beta1=sched),
                       {"beta1": 0.1})
         assert gap(ours, ref) < 1e-8  # (the schedule's float32 values, rounded alike)
+
+
+def test_a_complex_or_bool_gradient_is_refused_naming_the_leaf():
+    """Regression: a complex gradient of a real parameter was cast to the parameter's dtype,
+    its imaginary part silently dropped (Adam's step -0.01 where optax's, which steps with
+    the complex gradient, gives -0.006 once applied); a bool one was taken as 0 / 1. Both
+    raise a TypeError naming the key now, jitted too, on elementwise, two-pass and tensorwise
+    optimizers; a real gradient of another float or int dtype is still cast, as optax
+    promotes it."""
+    from mithril.utils.optimizers import LAMB, Adafactor
+
+    with jax_float64():
+        p = {"enc": {"w": jnp.ones((2, 3))}, "s": jnp.asarray(0.5)}
+        g = {"enc": {"w": jnp.full((2, 3), 0.3 + 0.4j)}, "s": jnp.asarray(0.3)}
+        ref = optax.adam(1e-2)
+        step = ref.update(g, ref.init(p), p)[0]["enc"]["w"]  # (complex: apply_updates
+        np.testing.assert_allclose(np.real(np.asarray(step)), -0.006, rtol=1e-6)  # takes .real)
+        for make in (Adam, LAMB, Muon, Adafactor):
+            tx = optax_transformation(make(1e-2))
+            state = tx.init(p)
+            for update in (tx.update, jax.jit(tx.update)):
+                with pytest.raises(TypeError, match=r"update for 'enc/w' has dtype complex128, "
+                                                    r"the parameter float64"):
+                    update(g, state, p)
+                with pytest.raises(TypeError, match=r"update for 's' has dtype bool"):
+                    update({**g, "enc": {"w": jnp.ones((2, 3))}, "s": jnp.asarray(True)},
+                           state, p)
+            real = {"enc": {"w": jnp.full((2, 3), 3, jnp.int32)}, "s": jnp.asarray(0.3)}
+            ours, _ = tx.update(real, state, p)
+            floats = {"enc": {"w": jnp.full((2, 3), 3.0)}, "s": jnp.asarray(0.3)}
+            same, _ = tx.update(floats, state, p)
+            assert gap([ours], [same]) == 0

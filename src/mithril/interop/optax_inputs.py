@@ -104,6 +104,12 @@ def _gradients(opt_name: str, updates: Any, treedef: Any, leaves: list[Any],
         if g.shape != p.shape:
             raise ValueError(f"{opt_name}: the update for '{n}' has shape {g.shape}, the "
                              f"parameter {p.shape}")
+        # (cast to the parameter's dtype later: a complex one would lose its imaginary part
+        # silently, where optax steps with it; a bool one is no gradient)
+        if jnp.issubdtype(g.dtype, jnp.complexfloating) or g.dtype == jnp.bool_:
+            raise TypeError(f"{opt_name}: the update for '{n}' has dtype {g.dtype}, the "
+                            f"parameter {p.dtype}: give a real gradient of the parameter's "
+                            f"kind (complex parameters are refused)")
     return grads
 
 

@@ -83,7 +83,9 @@ How it works:
   steps then differ from ours by up to ~1e-3 relative; ours are those of the gradient in
   float32); with bfloat16 params and float32 gradients optax returns float32 updates,
   ours are bfloat16 (``optax.apply_updates`` casts both to the params' dtype: the same
-  params). Integer leaves (a step counter kept in the params) are refused with a
+  params). A complex or bool gradient (of a real parameter) is refused with a
+  ``TypeError`` naming the key (cast, it would lose its imaginary part where optax steps
+  with it). Integer leaves (a step counter kept in the params) are refused with a
   ``TypeError`` naming the key, where optax runs its arithmetic on them: leave them out
   with ``optax.masked(tx, mask)`` or ``optax.multi_transform({..., "frozen":
   optax.set_to_zero()}, labels)``, which then give optax's numbers. ``mu_dtype=`` /
