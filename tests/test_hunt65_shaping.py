@@ -95,3 +95,27 @@ def test_slice_of_a_free_axis_shorter_than_its_bounds_is_clipped(backend, index)
                 t[1:3].flip(1) if isinstance(index, tuple) else t[index]).numpy()
         assert got.shape == want.shape
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_embedding_of_computed_indices_out_of_range_is_not_a_wrapped_row(backend):
+    # indices computed by the model are not checked as a data input is: NumPy and JAX read
+    # -1 as the last row (JAX clamped 4 to it too), torch raises; NumPy raises now, JAX
+    # (which cannot raise under jit) gives NaN rows that send no gradient anywhere
+    model = ml.Model()
+    model |= ml.Indexer(slice(None))(input="ids", output="ids2")
+    model |= ml.Embedding(4, 2)(input="ids2", output="output")
+    compiled = ml.compile(model, BACKENDS[backend](dtype="float64"), shapes={"ids": [3]})
+    w = np.arange(8.0).reshape(4, 2)
+    for ids in (np.array([-1, 0, 0]), np.array([4, 0, 2])):
+        with pytest.raises(IndexError):
+            torch.nn.functional.embedding(torch.tensor(ids), torch.tensor(w))
+        if backend == "jax":
+            out, grads = compiled.evaluate({"embedding.weight": w}, {"ids": ids},
+                                           output_gradients={"output": np.ones((3, 2))})
+            assert np.isnan(np.asarray(out["output"])[0]).all()
+            np.testing.assert_array_equal(np.asarray(out["output"])[1:], w[ids[1:]])
+            assert np.asarray(grads["embedding.weight"])[3].tolist() == [0.0, 0.0]
+        else:
+            with pytest.raises(IndexError, match="out of range"):
+                compiled.evaluate({"embedding.weight": w}, {"ids": ids})

@@ -223,7 +223,14 @@ class Embedding(Operator):
         else:
             if input.dtype.itemsize < 4:  # JAX's index normalisation would build n in that dtype
                 input = input.astype("int32")
-            out = weight[input]
+            n = weight.shape[0]  # (indices computed by the model: a data input is checked first)
+            if kind == "numpy" and input.size and (input.min() < 0 or input.max() >= n):
+                bad = int(input.min()) if input.min() < 0 else int(input.max())
+                raise IndexError(f"Embedding: index {bad} is out of range for {n} embeddings "
+                                 f"(indices must be in [0, {n - 1}], as torch's)")
+            # JAX cannot raise under jit: a row out of range (-1 too) is NaN, not wrapped / clamped
+            out = weight.at[xp.where(input < 0, n, input)].get(mode="fill", fill_value=xp.nan) \
+                if kind == "jax" else weight[input]
             if self.scale_grad_by_freq and kind == "jax":  # the same values, gradient / count
                 count = xp.zeros(weight.shape[0], out.dtype).at[input.reshape(-1)].add(1)
                 out = stop_gradient(xp, out) + (out - stop_gradient(xp, out)) \
