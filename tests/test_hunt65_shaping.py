@@ -119,3 +119,26 @@ def test_embedding_of_computed_indices_out_of_range_is_not_a_wrapped_row(backend
         else:
             with pytest.raises(IndexError, match="out of range"):
                 compiled.evaluate({"embedding.weight": w}, {"ids": ids})
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_integer_arange_of_an_empty_range_is_empty_on_every_backend(backend):
+    # Arange(1, x.shape[0]) over an empty batch, Arange(2, 1), Arange(0, 5, -1): torch's
+    # arange refuses ends that face the step's way, so the torch backend raised its
+    # RuntimeError where NumPy and JAX (and the documented rule) give no values
+    for args in [(2, 1), (0, 5, -1), (3, 3), (5, 0, -2), (0, 10, 3)]:
+        model = ml.Model()
+        model |= ml.Arange(*args)(output="output")
+        compiled = ml.compile(model, BACKENDS[backend](dtype="float64"), shapes={})
+        got = np.asarray(compiled.evaluate({}, {})["output"])
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.arange(*args))
+        if args[0] < args[1] if args[-1] > 0 else args[0] > args[1]:
+            np.testing.assert_array_equal(got, torch.arange(*args).numpy())
+    model = ml.Model()
+    model |= ml.Buffer()(input="x", output="y")
+    model |= ml.Arange(start=1, stop=model.y.shape[0])(output="output")
+    compiled = ml.compile(model, BACKENDS[backend](dtype="float64"), shapes={"x": [None, 2]})
+    for n in (0, 1, 4):
+        got = np.asarray(compiled.evaluate({}, {"x": np.ones((n, 2))})["output"])
+        np.testing.assert_array_equal(got, np.arange(1, n))

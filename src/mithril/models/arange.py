@@ -148,8 +148,9 @@ class Arange(Operator):
         dtype = str(like.dtype).rsplit(".", 1)[-1] if like is not None else \
             self._out_dtype((start, stop, step))
         if dtype == "int64":
-            if t is not None:
-                return t.arange(start, stop, step, dtype=t.int64)
+            if t is not None:  # (torch refuses an empty range whose ends face the step's way)
+                n = _length(start, stop, step)
+                return t.arange(start, start + n * step, step, dtype=t.int64)
             return np.arange(start, stop, step, dtype=np.int64)  # (a constant under jax.jit)
         # start + i·step in float64, then cast (torch.arange's float values)
         values64 = start + np.arange(_length(start, stop, step), dtype=np.float64) * step
