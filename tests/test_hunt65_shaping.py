@@ -142,3 +142,25 @@ def test_integer_arange_of_an_empty_range_is_empty_on_every_backend(backend):
     for n in (0, 1, 4):
         got = np.asarray(compiled.evaluate({}, {"x": np.ones((n, 2))})["output"])
         np.testing.assert_array_equal(got, np.arange(1, n))
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.int64])
+def test_gather_indexer_takes_every_integer_index_dtype(backend, dtype):
+    # x[i] with i a connection: torch read a uint8 index as a boolean mask (a wrong gather,
+    # or a mask-shape error) and refused int8 / int16; NumPy and JAX index by the values
+    from mithril.models.gather_index import SLOT, GatherIndexer
+
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    i = np.array([1, 0, 3, 1], dtype=dtype)
+    model = ml.Model()
+    model |= GatherIndexer((SLOT,))(input="input", index0="i", output="output")
+    compiled = ml.compile(model, BACKENDS[backend](dtype="float64"),
+                          shapes={"input": [4, 3], "i": [4]}, trainable_keys={"input"})
+    cot = np.random.default_rng(1).standard_normal((4, 3))
+    out, grads = compiled.evaluate({"input": x}, {"i": i}, output_gradients={"output": cot})
+    tx = torch.tensor(x, requires_grad=True)
+    y = tx[torch.tensor(i.astype(np.int64))]
+    (y * torch.tensor(cot)).sum().backward()
+    np.testing.assert_array_equal(np.asarray(out["output"]), y.detach().numpy())
+    np.testing.assert_allclose(np.asarray(grads["input"]), tx.grad.numpy(), rtol=0, atol=1e-12)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .operator import Operator, ShapeError, broadcast_shapes, fmt
+from .operator import Operator, ShapeError, backend_of, broadcast_shapes, fmt
 
 #: the marker of a connection's place in a :class:`GatherIndexer` template
 SLOT = "<index>"
@@ -86,6 +86,8 @@ class GatherIndexer(Operator):
         return tuple(idx[next(keys)] if isinstance(t, str) else t for t in self._items(rank))
 
     def forward(self, xp: Any, input: Any, **idx: Any) -> Any:
+        if backend_of(xp) == "torch":  # (torch reads uint8 as a mask, refuses int8 / int16)
+            idx = {k: v.long() for k, v in idx.items()}
         return input[self._index(len(input.shape), idx)]
 
     def vjp(self, g, out, args, wrt):
