@@ -164,3 +164,21 @@ def test_gather_indexer_takes_every_integer_index_dtype(backend, dtype):
     (y * torch.tensor(cot)).sum().backward()
     np.testing.assert_array_equal(np.asarray(out["output"]), y.detach().numpy())
     np.testing.assert_allclose(np.asarray(grads["input"]), tx.grad.numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("block", [ml.ArgMax, ml.ArgMin])
+def test_arg_reductions_of_a_bool_input_agree_on_every_backend(backend, block):
+    # a boolean input (a mask: the first True) raised torch's 'argmax(): does not support
+    # bool input' on the torch backend only; NumPy and JAX give the first extreme's index
+    mask = np.array([[True, False, True], [False, False, True], [False, False, False]])
+    for axis in (None, 0, 1, -1):
+        model = ml.Model()
+        model |= ml.Buffer()(input="x", output="y")
+        model |= block(axis=axis)(input="y", output="output")
+        compiled = ml.compile(model, BACKENDS[backend](dtype="float64"), shapes={"x": [3, 3]})
+        got = np.asarray(compiled.evaluate({}, {"x": mask})["output"])
+        want = getattr(torch, block.__name__.lower())(torch.tensor(mask, dtype=torch.uint8),
+                                                      dim=axis).numpy()
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)

@@ -218,7 +218,8 @@ class _ArgReduce(Operator):
 
     def forward(self, xp: Any, input: Any) -> Any:
         t = torch_of(xp)
-        if t is not None:
+        if t is not None:  # (torch has no bool argmax: as uint8, the first True / False)
+            input = input.to(t.uint8) if input.dtype == t.bool else input
             return getattr(t, self._fn)(input, dim=self.axis, keepdim=self.keepdim)
         out = getattr(xp, self._fn)(input, axis=self.axis, keepdims=self.keepdim)
         return out.astype(np.int64) if xp is np else out
