@@ -112,3 +112,34 @@ def test_a_complex_or_bool_gradient_is_refused_naming_the_leaf():
             floats = {"enc": {"w": jnp.full((2, 3), 3.0)}, "s": jnp.asarray(0.3)}
             same, _ = tx.update(floats, state, p)
             assert gap([ours], [same]) == 0
+
+
+def test_a_mismatched_updates_tree_names_the_key():
+    """Regression: an updates tree of another structure raised JAX's message alone ("List
+    arity mismatch: 2 != 1", "Expected named tuple, got (...)", "Expected None, got ..."),
+    which does not say where in a deep tree; the key missing or beyond the params is named
+    now (jitted, elementwise and tensorwise)."""
+    from typing import NamedTuple
+
+    from mithril.utils.optimizers import LAMB
+
+    class Pair(NamedTuple):
+        a: Any
+        b: Any
+
+    p = {"d": {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}, "t": Pair(jnp.ones(2), None),
+         "l": [jnp.ones(1)]}
+    g = jax.tree.map(jnp.ones_like, p)
+    cases = [({**g, "l": [jnp.ones(1), jnp.ones(1)]}, r"an update for 'l/1', which is no "
+                                                       r"parameter"),
+             ({**g, "t": (jnp.ones(2), None)}, r"no update for 't/a'; an update for 't/0'"),
+             ({**g, "t": Pair(jnp.ones(2), jnp.ones(2))}, r"an update for 't/b'"),
+             ({**g, "d": {"w": jnp.ones((2, 2))}}, r"no update for 'd/b'")]
+    for make in (Adam, LAMB, Muon):
+        tx = optax_transformation(make(1e-2))
+        state = tx.init(p)
+        for bad, where in cases:
+            with pytest.raises(ValueError, match=r"(?s)do not have the params' structure: .* -- "
+                                                 + where):
+                jax.jit(tx.update)(bad, state, p)
+        tx.update(g, state, p)

@@ -94,7 +94,7 @@ def _gradients(opt_name: str, updates: Any, treedef: Any, leaves: list[Any],
         given = treedef.flatten_up_to(updates)
     except (ValueError, TypeError, KeyError) as e:  # JAX's message names the keys
         raise ValueError(f"{opt_name}: the updates (gradients) do not have the params' "
-                         f"structure: {e}") from None
+                         f"structure: {e}{_where(names, updates)}") from None
     for g, n in zip(given, names):
         if g is None:
             raise ValueError(f"{opt_name}: the update for '{n}' is None (give zeros for a "
@@ -111,6 +111,22 @@ def _gradients(opt_name: str, updates: Any, treedef: Any, leaves: list[Any],
                             f"parameter {p.dtype}: give a real gradient of the parameter's "
                             f"kind (complex parameters are refused)")
     return grads
+
+
+def _where(names: list[str], updates: Any) -> str:
+    """Which key a mismatched updates tree lacks or has beyond the params (JAX's message
+    names the node's type or keys, not where it is: "List arity mismatch: 2 != 1")."""
+    import jax
+
+    try:
+        got = [_key_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    except Exception:  # noqa: BLE001 - only a better message at stake
+        return ""
+    missing = [n for n in names if n not in set(got)]
+    extra = [n for n in got if n not in set(names)]
+    parts = ([f"no update for '{missing[0]}'"] if missing else []) + \
+        ([f"an update for '{extra[0]}', which is no parameter"] if extra else [])
+    return f" -- {'; '.join(parts)}" if parts else ""
 
 
 # -- optax's mask functions ------------------------------------------------------------------
