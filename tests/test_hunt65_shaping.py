@@ -182,3 +182,33 @@ def test_arg_reductions_of_a_bool_input_agree_on_every_backend(backend, block):
                                                       dim=axis).numpy()
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_permute_tensor_of_computed_indices_out_of_range_is_not_a_clamped_row(backend):
+    # indices the model computes skip the data check: NumPy and torch raise IndexError,
+    # JAX clamped 5 to the last row and -4 to the first; it gives NaN rows now
+    model = ml.Model()
+    model |= ml.Indexer(slice(None))(input="ids", output="ids2")
+    model |= ml.PermuteTensor()(input="x", indices="ids2", output="output")
+    compiled = ml.compile(model, BACKENDS[backend](dtype="float64"),
+                          shapes={"x": [3, 2], "ids": [3]}, trainable_keys={"x"})
+    x = np.arange(6.0).reshape(3, 2)
+    good = np.array([-1, -1, 2])  # negatives count from the end, as torch's
+    out, grads = compiled.evaluate({"x": x}, {"ids": good},
+                                   output_gradients={"output": np.ones((3, 2))})
+    tx = torch.tensor(x, requires_grad=True)
+    y = tx[torch.tensor(good)]
+    y.sum().backward()
+    np.testing.assert_array_equal(np.asarray(out["output"]), y.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(grads["x"]), tx.grad.numpy())
+    for ids in (np.array([5, 0, -1]), np.array([-4, 0, 1])):
+        with pytest.raises(IndexError):
+            torch.tensor(x)[torch.tensor(ids)]
+        if backend == "jax":
+            got = np.asarray(compiled.evaluate({"x": x}, {"ids": ids})["output"])
+            assert np.isnan(got[0]).all()
+            np.testing.assert_array_equal(got[1:], x[ids[1:]])
+        else:
+            with pytest.raises(IndexError):
+                compiled.evaluate({"x": x}, {"ids": ids})

@@ -52,6 +52,9 @@ class PermuteTensor(Operator):
     def forward(self, xp: Any, input: Any, indices: Any) -> Any:
         if backend_of(xp) == "torch":
             return input[indices.long()]
+        if backend_of(xp) == "jax":  # (indices the model computes: JAX cannot raise under jit,
+            # so a row out of range is NaN rather than a clamped one; negatives count from the end)
+            return input.at[indices].get(mode="fill", fill_value=xp.nan)
         return input[indices]
 
     def vjp(self, g, out, args, wrt):
