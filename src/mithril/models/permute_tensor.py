@@ -19,7 +19,8 @@ class PermuteTensor(Operator):
     rows' gradients add up). Negative indices count from the end, as torch's. The gradient
     of ``input`` scatters the output's cotangent back (``index_add``); ``indices`` is not
     differentiable. An index outside [−N, N) is an ``InputValueError`` naming the key, before
-    the backend runs (JAX would clamp it silently)."""
+    the backend runs; one the model computes is an ``IndexError`` (NumPy, torch) or a NaN row
+    (JAX, which cannot raise under jit)."""
 
     inputs = ("input", "indices")
     int_inputs = frozenset({"indices"})
