@@ -143,3 +143,28 @@ def test_a_mismatched_updates_tree_names_the_key():
                                                  + where):
                 jax.jit(tx.update)(bad, state, p)
         tx.update(g, state, p)
+
+
+def test_an_injected_hyperparameter_is_found_once_by_tree_get():
+    """Regression: ``optax.inject_hyperparams`` around a factory naming ``beta1`` (the
+    documented way) kept ``beta1`` in the inner state as well as in the injecting one, so
+    ``optax.tree_utils.tree_get(state, "beta1")`` raised "Found multiple values" where
+    optax's ``inject_hyperparams(optax.adam)`` finds its one ``b1`` (as our fixed learning
+    rate is already left out). A fixed array is not kept now; the steps are optax's."""
+    with jax_float64():
+        ours = optax.inject_hyperparams(lambda learning_rate, beta1: optax_transformation(
+            Adam(convention="optax"), learning_rate=learning_rate, beta1=beta1))(
+            learning_rate=0.05, beta1=0.9)
+        ref = optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=0.9)
+        a, state = run(ours, {"beta1": 0.5})
+        b, ref_state = run(ref, {"b1": 0.5})
+        assert gap(a, b) < 1e-12
+        assert float(optax.tree_utils.tree_get(state, "beta1")) == 0.5
+        assert float(optax.tree_utils.tree_get(ref_state, "b1")) == 0.5
+        moved = optax.tree_utils.tree_set(state, beta1=0.7)
+        assert float(optax.tree_utils.tree_get(moved, "beta1")) == 0.7
+        muon = optax.inject_hyperparams(lambda learning_rate, momentum: optax_transformation(
+            Muon(), learning_rate=learning_rate, momentum=momentum))(learning_rate=0.05,
+                                                                     momentum=0.9)
+        _, state = run(muon, {"momentum": 0.3})
+        assert float(optax.tree_utils.tree_get(state, "momentum")) == 0.3

@@ -234,6 +234,16 @@ def scheduled(schedules: Mapping[str, Callable] | None, count: Any,
                            else fn(count)) for k, fn in (schedules or {}).items()}
 
 
+def not_kept(schedules: Mapping[str, Callable] | None, kept: Any = ()) -> frozenset[str]:
+    """The hyperparameters given as a fixed array (what ``optax.inject_hyperparams`` passes
+    its factory), not kept in ``state.hyperparams`` (as a fixed learning rate: the injecting
+    state holds it, and ``optax.tree_utils.tree_get`` finds one); ``kept``: those the
+    optimizer's state needs anyway."""
+    return frozenset(k for k, fn in (schedules or {}).items()
+                     if isinstance(fn, functools.partial) and fn.func is _constant
+                     and not _is_held(fn) and k not in kept)
+
+
 def _is_held(fn: Callable) -> bool:
     return isinstance(fn, functools.partial) and fn.func is _constant and \
         isinstance(fn.args[0], numbers.Real)

@@ -32,7 +32,7 @@ from typing import Any
 from ..utils.optimizers.layout import slot_shape_of
 from ..utils.optimizers.traced_ops import TracedOps, traceable_update
 from .optax_host_kernel import host_tensorwise
-from .optax_hyperparams import scheduled
+from .optax_hyperparams import not_kept, scheduled
 from .optax_inputs import optax_mask, with_mask
 from .optax_prologue import _prologue, _wide, forced, given_up
 from .optax_scalars import (
@@ -337,7 +337,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         hyper = dict(state.hyperparams)
         if callable(learning_rate):  # (a fixed one is not in the state: see _initial_hyperparams)
             hyper["learning_rate"] = jnp.asarray(lr)
-        hyper.update(now)
+        hyper.update({k: v for k, v in now.items() if k not in not_kept(sched)})
         if skip:
             hyper.update(counts)
         new_state = OptaxState(new_count, {s: treedef.unflatten(v) for s, v in new_slots.items()},

@@ -143,7 +143,7 @@ from .optax_checks import (  # (optax_tensorwise imports _copied_slots from here
     _own_mu_dtype,
 )
 from .optax_host_kernel import host_update
-from .optax_hyperparams import as_schedules, check_schedules, scheduled
+from .optax_hyperparams import as_schedules, check_schedules, not_kept, scheduled
 from .optax_hyperparams import check as check_traced
 from .optax_inputs import (
     _check_hyper,
@@ -213,7 +213,8 @@ def _initial_hyperparams(opt: Any, learning_rate: Any,
     counted = opt.nonfinite == "skip" and opt.max_consecutive_skips is not None
     return {**lr, **{h: jnp.asarray(float(getattr(opt, h)))
                                     for h in state_hyperparams(opt)},
-            **scheduled(schedules, jnp.zeros((), jnp.int32)),
+            **{k: v for k, v in scheduled(schedules, jnp.zeros((), jnp.int32)).items()
+               if k not in not_kept(schedules, state_hyperparams(opt))},
             **({CONSECUTIVE: jnp.zeros((), jnp.int32)} if counted else {})}
 
 
@@ -281,7 +282,8 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     ``**hyperparameters``: other float hyperparameters by our names (``beta1=0.95``), each
     a number (a 0-d array) or a schedule, read by the program at every update as
     ``schedules`` are; a Python number is kept in ``state.hyperparams`` and read from there
-    (write ``state.hyperparams["beta1"]`` between steps, as the learning rate). With
+    (write ``state.hyperparams["beta1"]`` between steps, as the learning rate); a 0-d
+    array is fixed and not kept (as a fixed learning rate). With
     ``optax.inject_hyperparams`` (which sees named arguments only),
     name them in a factory, and ``state.hyperparams["beta1"]`` can be set between steps as
     optax's ``"b1"`` (nothing recompiles)::
@@ -328,6 +330,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
     n_avg = len(full) - len(own)
     scalar_values = tuple(opt.scalar_values)  # the state values scalars() reads
     driven_hyper = state_hyperparams(opt)
+    dropped = not_kept(sched, driven_hyper)
     plans: dict[Any, _Plan] = {}
 
     leaf_fns: dict[Any, Any] = {}
@@ -577,7 +580,7 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
         hyper = dict(state.hyperparams)
         if callable(learning_rate):
             hyper["learning_rate"] = jnp.asarray(lr)
-        hyper.update(now)
+        hyper.update({k: v for k, v in now.items() if k not in dropped})
         if skip:
             hyper.update(counts)
         new_state = OptaxState(
