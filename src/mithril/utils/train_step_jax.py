@@ -246,6 +246,7 @@ def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: 
 
     from ..interop.optax_scalars import _INT32_MAX
     from .optimizers.averaging import EMA, SWA
+    from .optimizers.groups import resolving_part
     from .optimizers.mechanize import X0
 
     sub = opt_state._replace(slots=part(opt_state.slots, on),
@@ -254,8 +255,9 @@ def update_reached(tx: Any, names: list[str], unreached: frozenset[str], grads: 
         # its keys sorted)
         order = jax.tree_util.tree_leaves({names[i]: i for i in idx})
         kw = {**kw, "missed": missed[np.array(order, dtype=np.int32)]}
-    new, sub = tx.update({names[i]: grads[i] for i in idx}, sub, {n: params[n] for n in on},
-                         new_params=True, **kw)
+    with resolving_part():  # (a group naming an unreached parameter is no typo)
+        new, sub = tx.update({names[i]: grads[i] for i in idx}, sub,
+                             {n: params[n] for n in on}, new_params=True, **kw)
     slots = {s: {**per, **sub.slots[s]} for s, per in opt_state.slots.items()}
     off = [n for n in names if n in unreached]
     if off and X0 in slots:  # (Mechanic's x0: every parameter's value at its first step)

@@ -39,11 +39,13 @@ invalidates the table of scalars (``_groups_version``), never a compiled kernel.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
 import numbers
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -167,6 +169,21 @@ def check_step_offset(where: str, offset: Any) -> int:
     return int(offset)
 
 
+#: True while rows are resolved for a part of the parameters (the one-program step's reached
+#: ones): a name the part lacks is no typo, so nothing is said (the whole set was checked)
+_PART: contextvars.ContextVar[bool] = contextvars.ContextVar("groups_part", default=False)
+
+
+@contextlib.contextmanager
+def resolving_part() -> Iterator[None]:
+    """Within it, :func:`resolve` neither warns nor raises for names it is not given."""
+    token = _PART.set(True)
+    try:
+        yield
+    finally:
+        _PART.reset(token)
+
+
 def resolve(opt: Any, names: Sequence[str], no_decay: Collection[str] = ()
             ) -> tuple[np.ndarray, list[dict[str, Any]], list[tuple[int | None, bool]]]:
     """Each tensor's row, the rows' overrides and each row's (group index or None, whether
@@ -224,7 +241,7 @@ def resolve(opt: Any, names: Sequence[str], no_decay: Collection[str] = ()
         msgs.append(f"{type(opt).__name__}: weight_decay_mask names unknown parameters "
                     f"{missing}")
     warned = opt.__dict__.setdefault("_warned", set())  # (shared with its copies)
-    for msg in msgs:
+    for msg in () if _PART.get() else msgs:
         if opt.strict:
             raise ValueError(msg)
         if msg not in warned:  # once: the rows are resolved anew at every group change
