@@ -25,7 +25,7 @@ CASES: list[tuple[Callable[[FakeOpt], sch.LRScheduler], str, object, object]] = 
     (lambda o: sch.CosineAnnealingLR(o, 40, 1e-3), "eta_min", 1e-2, -1.0),
     (lambda o: sch.CosineAnnealingLR(o, 40), "T_mult", 1, 2),  # (2 needs warm restarts)
     (lambda o: sch.CosineAnnealingWarmRestarts(o, 10, 2), "T_0", 4, 2.5),  # (T_max: torch's name)
-    (lambda o: sch.OneCycleLR(o, 1.0, 100), "max_lr", 0.5, 0.0),
+    (lambda o: sch.OneCycleLR(o, 1.0, 100), "max_lr", 0.5, -1.0),
     (lambda o: sch.OneCycleLR(o, 1.0, 100, pct_start=0.2), "total_steps", 60, 5),  # (0 / 0)
     (lambda o: sch.OneCycleLR(o, 1.0, 100), "pct_start", 0.5, 1.5),
     (lambda o: sch.LinearWarmupScheduler(o, 10, 0.0, 0.2), "end_lr", 0.1, math.inf),
