@@ -487,7 +487,7 @@ def test_many_to_one_of_shrinking_batches_matches_torch(name, kind):
 
 def test_many_to_one_refuses_a_torch_cell_and_a_short_sequence():
     with pytest.raises(TypeError, match="cell_type must be a PublishedRNNCell"):
-        ManyToOne(ml.RNNCell(3, 5), 3)
+        ManyToOne(ml.RNNCell(5), 3)
     with pytest.raises(ValueError, match="max_sequence_length must be an int >= 2"):
         ManyToOne(PublishedRNNCell(), 1)
 

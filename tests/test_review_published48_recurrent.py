@@ -198,7 +198,7 @@ def test_many_to_one_weights_follow_from_the_data_but_its_output_width():
                                             r"declare it: compile\(\.\.\., shapes=\{'w_ho'"):
         ml.compile(ManyToOne(PublishedRNNCell(), 2), ml.NumpyBackend(), shapes=shapes)
     with pytest.raises(TypeError, match="OneToMany: cell_type must be a PublishedRNNCell"):
-        OneToMany(ml.RNNCell(3, 5), 3)
+        OneToMany(ml.RNNCell(5), 3)
     with pytest.raises(ValueError, match="EncoderDecoder: max_input_sequence_length must be an int >= 2"):
         ml.models.published_cells.EncoderDecoder(PublishedRNNCell(), 1, 3)
 
