@@ -225,8 +225,9 @@ def _activation_case(cfg: dict[str, Any]) -> Case:
         "relu": (ml.Relu, F.relu), "sigmoid": (ml.Sigmoid, torch.sigmoid),
         "tanh": (ml.Tanh, torch.tanh), "selu": (ml.Selu, F.selu), "mish": (ml.Mish, F.mish),
         "hardswish": (ml.Hardswish, F.hardswish),
-        "hardsigmoid": (ml.Hardsigmoid, lambda x: torch.where(
-            (x > -3) & (x < 3), (x + 3) / 6, torch.where(x >= 3, 1 + 0 * x, 0 * x))),
+        "hardsigmoid": (ml.Hardsigmoid, lambda x: torch.where(  # (±inf: 1 / 0 as torch's,
+            (x > -3) & (x < 3), (x + 3) / 6, torch.where(  # not 1 + 0·inf; NaN stays NaN)
+                x >= 3, torch.ones_like(x), torch.where(x <= -3, torch.zeros_like(x), 0 * x)))),
         "l1": (ml.L1, lambda x: x.abs().sum()), "l2": (ml.L2, lambda x: 0.5 * (x * x).sum()),
         "leaky_relu": (lambda: ml.LeakyRelu(cfg["slope"]),
                        lambda x: F.leaky_relu(x, cfg["slope"])),

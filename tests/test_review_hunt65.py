@@ -130,3 +130,29 @@ def test_numpy_max_unpool_of_a_larger_pool_names_the_index():
     with pytest.raises(ValueError, match=r"MaxUnpool2D: indices holds 18: indices must be in "
                                          r"\[0, 15\]"):
         compiled.evaluate({}, {"input": x})
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_hardsigmoid_at_infinities_and_nan_is_torchs(name):
+    """Hardsigmoid at ±inf is 1 / 0 and at NaN NaN, with gradient 0 at all three, as
+    F.hardsigmoid's (the JAX backend's autodiff followed the (x + 3) / 6 branch at NaN:
+    gradient 1/6); torch's backward multiplies by 1/6 in float32, hence the tolerance."""
+    import torch
+    import torch.nn.functional as F
+
+    from mithril.models.activations import Hardsigmoid
+
+    x = np.array([np.inf, -np.inf, np.nan, 3.0, -3.0, 1.0, 2.999, -7.0])
+    xt = torch.tensor(x, requires_grad=True)
+    want = F.hardsigmoid(xt)
+    want.backward(torch.ones_like(want))
+    model = ml.Model()
+    model |= Hardsigmoid()(input="x", output=ml.IOKey("y"))
+    be = BACKENDS[name](dtype="float64")
+    compiled = ml.compile(model, be, shapes={"x": [8]}, trainable_keys={"x"})
+    out, grads = compiled.evaluate({"x": be.array(x)}, {},
+                                   output_gradients={"y": be.array(np.ones(8))})
+    np.testing.assert_allclose(np.asarray(be.to_numpy(out["y"])), want.detach().numpy(),
+                               rtol=1e-15, atol=0)  # (XLA: (x + 3) · (1/6))
+    np.testing.assert_allclose(np.asarray(be.to_numpy(grads["x"])), xt.grad.numpy(),
+                               rtol=1e-7, atol=0)

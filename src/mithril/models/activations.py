@@ -393,8 +393,11 @@ class Hardsigmoid(Operator):
     vjp_ignores = frozenset({"output"})
 
     def forward(self, xp: Any, input: Any) -> Any:
-        # (constants where the input is ±inf: 0 · inf would be NaN; NaN stays NaN)
-        return xp.where(input <= -3, 0.0, xp.where(input >= 3, 1.0, (input + 3) / 6))
+        # (constants where the input is ±inf: 0 · inf would be NaN; a NaN stays NaN with
+        # gradient 0, as torch's mask -3 < x < 3: JAX's and torch's autodiff follow the branch)
+        inside = (input > -3) & (input < 3)
+        return xp.where(inside, (input + 3) / 6, xp.where(
+            input >= 3, 1.0, xp.where(input <= -3, 0.0, stop_gradient(xp, input))))
 
     def vjp(self, g, out, args, wrt):
         x = args["input"]
