@@ -18,6 +18,19 @@ def _same(x: Any) -> Any:
     return x
 
 
+def _check_roles(node: Any, in_shapes: Mapping[str, Any], names: Mapping[str, str]) -> None:
+    """A parameter role given as a wire (a data or constant ``Linear`` weight) against the
+    shape its operator takes for these inputs: a weight of another input width is a
+    ``ShapeError`` here, not the backend's matmul error."""
+    roles = [k for k in node.op.param_init if k in node.ins]
+    if roles:
+        want = node.op.param_shapes(in_shapes)
+        for k in roles:
+            if k in want:
+                unify(in_shapes[k], want[k], f"{names[k]}",
+                      f"{node.path}.{k} (its shape for these inputs)")
+
+
 def _is_traced(x: Any) -> bool:
     """``x`` is a JAX tracer (``evaluate`` called inside ``jax.jit``): it has no values."""
     jax = sys.modules.get("jax")
@@ -93,6 +106,7 @@ class ConcreteChecksMixin:
                     value_hooks.append((hook, in_shapes, dtypes, names, refs))
             pshapes = {k: p.param_shapes[n] for k, n in node.params.items()}
             try:
+                _check_roles(node, in_shapes, names)
                 out = infer_output(node, {**in_shapes, **pshapes}, values)
                 shapes[node.out] = unify(shapes[node.out], out, p.wire_names[node.out],
                                          f"{node.path}.output (inferred)")

@@ -344,7 +344,10 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
             w, want = node.ins[key], pshapes.pop(key)
             if w in b.consts:  # a constant need only broadcast to the parameter's shape
                 got = tuple(b.consts[w].shape)
-                if broadcast_shapes(want, got, f"{node.path}.{key}") != tuple(want):
+                full = broadcast_shapes(want, got, f"{node.path}.{key}")
+                if len(full) == len(want) and all(d is None or d == f for d, f in zip(want, full)):
+                    want = full  # (a free dimension the constant gives: Linear's input width)
+                if full != tuple(want):
                     raise ShapeError(f"{node.path}.{key}: a constant of shape {fmt(got)} does not "
                                      f"broadcast to the parameter's shape {fmt(want)}")
                 if got != tuple(want) or b.consts[w].dtype.kind in "biu":

@@ -1,0 +1,67 @@
+"""Composition and compile edge cases found by the sixty-sixth session's hunt, each checked
+against torch autograd on the NumPy, torch and JAX backends (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mithril as ml
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+from mithril.models import Linear, Model
+
+BACKENDS = [pytest.param(lambda: NumpyBackend(dtype="float64"), id="numpy"),
+            pytest.param(lambda: TorchBackend(dtype="float64"), id="torch"),
+            pytest.param(lambda: JaxBackend(dtype="float64"), id="jax")]
+
+
+def _np(b, x):
+    return np.asarray(b.to_numpy(x))
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+@pytest.mark.parametrize("named", [False, True])
+def test_a_constant_weight_gives_the_free_input_width(make, named):
+    # a constant Linear weight whose input width is not declared used to be refused at
+    # compile ("a constant of shape [2, 3] does not broadcast to the parameter's shape
+    # [2, None]"): its shape gives the width, as the published Mithril infers it
+    b = make()
+    m = Model()
+    m |= Linear(2).connect(input="x", output="y", **({"weight": "w"} if named else {}))
+    key = "w" if named else "linear.weight"
+    rng = np.random.default_rng(0)
+    w, bias = rng.standard_normal((2, 3)), rng.standard_normal(2)
+    c = ml.compile(m, b, constant_keys={key: w}, shapes={"x": [None, None]})
+    assert list(c.parameter_shapes) == ["linear.bias"]
+    for n in (4, 1):
+        x, g = rng.standard_normal((n, 3)), rng.standard_normal((n, 2))
+        out, grads = c.evaluate({"linear.bias": b.array(bias)}, {"x": b.array(x)},
+                                output_gradients={"y": b.array(g)})
+        tb = torch.tensor(bias, requires_grad=True)
+        ty = F.linear(torch.tensor(x), torch.tensor(w), tb)
+        (tg,) = torch.autograd.grad((ty * torch.tensor(g)).sum(), [tb])
+        np.testing.assert_allclose(_np(b, out["y"]), ty.detach().numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(_np(b, grads["linear.bias"]), tg.numpy(), rtol=1e-12)
+    with pytest.raises(ml.ShapeError, match=r"'x' \[4, 5\]"):  # another width: named, before a run
+        c.evaluate({"linear.bias": b.array(bias)}, {"x": b.ones(4, 5)})
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_a_data_weight_of_another_input_width_is_a_shape_error(make):
+    # a data weight against an input of another width reached the backend's matmul (NumPy's
+    # ValueError, torch's RuntimeError, JAX's TypeError), naming no key
+    b = make()
+    m = Model()
+    m |= Linear(2).connect(input="x", weight="w", output="y")
+    c = ml.compile(m, b, data_keys={"w"})
+    rng = np.random.default_rng(1)
+    x, w, g = rng.standard_normal((4, 3)), rng.standard_normal((2, 3)), rng.standard_normal((4, 2))
+    params = {"linear.bias": b.zeros(2)}
+    out, grads = c.evaluate(params, {"x": b.array(x), "w": b.array(w)},
+                            output_gradients={"y": b.array(g)})
+    np.testing.assert_allclose(_np(b, out["y"]), x @ w.T, rtol=1e-12)
+    np.testing.assert_allclose(_np(b, grads["linear.bias"]), g.sum(0), rtol=1e-12)
+    with pytest.raises(ml.ShapeError, match=r"'w' has shape \[2, 3\].*linear.weight.*\[2, 5\]"):
+        c.evaluate(params, {"x": b.ones(4, 5), "w": b.array(w)})
