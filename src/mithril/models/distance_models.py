@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .operator import Operator, ShapeError, backend_of, fmt, unify
+from .primitives import _abs
 from .probability_losses import tiny
 
 
@@ -18,8 +19,9 @@ def _full(xp: Any) -> Any:
 
 def _order(xp: Any, norm: Any) -> Any:
     """The published norm modifier: p = 4·(1 − 2·|((n − 1) mod 8)/8 − ½|) + 1, a triangle
-    wave of n with period 8 between 1 (n = 1) and 5 (n = 5)."""
-    return 4.0 * (1.0 - 2.0 * xp.abs(((norm - 1.0) % 8) / 8 - 0.5)) + 1.0
+    wave of n with period 8 between 1 (n = 1) and 5 (n = 5); its gradient at the peaks
+    n = 5 + 8k is 0 on every backend (``NormModifier``'s, torch's |·|; JAX's abs has 1)."""
+    return 4.0 * (1.0 - 2.0 * _abs(xp, ((norm - 1.0) % 8) / 8 - 0.5)) + 1.0
 
 
 def _safe_pow(xp: Any, a: Any, p: Any) -> Any:

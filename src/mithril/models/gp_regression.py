@@ -119,7 +119,8 @@ class GPRLoss(Operator):
         ½·(labels − mu)ᵀ·alpha + ½·log det K + (N/2)·log 2π
 
     with K = (K_term + K_termᵀ)/2 (the published Mithril's ``GPRLoss``, whose
-    Σ log diag(cholesky(K)) is ½·log det K; K must be positive definite) and ``alpha`` =
+    Σ log diag(cholesky(K)) is ½·log det K; K must be positive definite: an indefinite K is
+    refused with an ``InputValueError`` naming 'K_term', a NaN loss on JAX) and ``alpha`` =
     K⁻¹·(labels − mu) given. Gradients: ½·alpha, −½·alpha, ½·(labels − mu) and ½·K⁻¹."""
 
     inputs = ("labels", "mu", "K_term", "alpha")
@@ -133,7 +134,16 @@ class GPRLoss(Operator):
         return (1,)
 
     def forward(self, xp: Any, labels: Any, mu: Any, K_term: Any, alpha: Any) -> Any:
-        _, logdet = _linalg(xp).slogdet(_sym(K_term))
+        linalg = _linalg(xp)
+        try:  # (the published Σ log diag(cholesky(K)): an indefinite K is refused, NaN on JAX)
+            chol = linalg.cholesky(_sym(K_term))
+        except getattr(linalg, "LinAlgError", np.linalg.LinAlgError) as e:
+            raise InputValueError(f"GPRLoss: the symmetric part of 'K_term' is not positive "
+                                  f"definite (a Gaussian process's K = k + s·I must be): "
+                                  f"{e}") from None
+        torch = torch_of(xp)
+        diag = torch.diagonal(chol) if torch is not None else xp.diagonal(chol)
+        logdet = 2 * xp.log(diag).sum()
         fit = ((labels - mu) * alpha).sum()
         return (0.5 * (fit + logdet) + labels.shape[0] * (math.log(2 * math.pi) / 2)).reshape(1)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from .distance_models import _full, _safe_pow
 from .operator import Operator, ShapeError, fmt, unify
+from .primitives import _abs
 from .probability_losses import tiny
 
 
@@ -68,7 +69,8 @@ class PolynomialKernel(Operator):
     is the published robust power, of the base's absolute value |b| (so a negative base
     gives |b|^degree), continued as |b|/c where |b| < c and degree < 1 − log c / log |b|
     (c the dtype's smallest normal number); ``robust=False`` takes |b|^degree throughout.
-    The gradient in ``degree`` is out·log |b| (0 where b = 0)."""
+    The gradient in ``degree`` is out·log |b| (0 where b = 0); |b|'s gradient at b = 0 is 0
+    on every backend (``Absolute``'s), so a zero base in the line has gradient 0."""
 
     inputs = ("input1", "input2", "poly_coef", "degree")
 
@@ -88,7 +90,7 @@ class PolynomialKernel(Operator):
 
     def forward(self, xp: Any, input1: Any, input2: Any, poly_coef: Any, degree: Any) -> Any:
         xp = _full(xp)
-        ab = xp.abs(input1 @ input2.T + poly_coef.reshape(()))
+        ab = _abs(xp, input1 @ input2.T + poly_coef.reshape(()))  # (gradient 0 at 0 on JAX too)
         deg = degree.reshape(())
         lin = self._linear(xp, ab, deg)
         return xp.where(lin, xp.where(lin, ab, 0.0) / tiny(ab.dtype), _safe_pow(xp, ab, deg))

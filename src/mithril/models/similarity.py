@@ -50,7 +50,7 @@ class CosineSimilarity(Operator):
         self.eps = _number(eps, "CosineSimilarity", "eps")
 
     def _axis(self, rank: int) -> int:
-        if not -rank <= self.dim < max(rank, 1):
+        if not -max(rank, 1) <= self.dim < max(rank, 1):  # (0-d: dim 0 or -1, as torch)
             raise ShapeError(f"CosineSimilarity: dim {self.dim} is out of range for inputs of "
                              f"rank {rank}")
         return self.dim % max(rank, 1)
@@ -77,6 +77,8 @@ class CosineSimilarity(Operator):
             return F.cosine_similarity(input1, input2, self.dim, self.eps)
         ax = self._axis(max(input1.ndim, input2.ndim))
         a, b = xp.broadcast_arrays(input1, input2)
+        if a.ndim == 0:  # two numbers, dim 0 or -1 (as torch): JAX has no axis 0 there
+            return self.forward(xp, a.reshape(1), b.reshape(1)).reshape(())
         return xp.sum((a / self._norm(xp, a, ax)) * (b / self._norm(xp, b, ax)), axis=ax)
 
     @float32_vjp
