@@ -109,17 +109,24 @@ def _prepared(compiled: Any, params: Any, data: Any, loss: str | None, who: str
     if prog is None or not callable(getattr(compiled, "_prepare", None)):
         raise TypeError(f"{who}: compiled must be a compiled model (mithril.compile), got "
                         f"{type(compiled).__name__}")
-    if loss is None:
-        key = compiled.scalar_output()
+    outs = prog.outputs
+    if loss is None:  # ('final_cost' or the single output, as evaluate's; our own errors)
+        key = "final_cost" if "final_cost" in outs else next(iter(outs)) if len(outs) == 1 \
+            else None
+        if key is None:
+            raise KeyMismatchError(f"{who}: the model has outputs {sorted(outs)} and no "
+                                   f"'final_cost': name the scalar one to differentiate "
+                                   f"with loss=")
+    elif not isinstance(loss, str) or loss not in outs:
+        raise KeyMismatchError(f"{who}: loss {loss!r} is not an output of the model "
+                               f"(outputs: {sorted(outs)})")
     else:
-        if not isinstance(loss, str) or loss not in prog.outputs:
-            raise KeyMismatchError(f"{who}: loss {loss!r} is not an output of the model "
-                                   f"(outputs: {sorted(prog.outputs)})")
-        shape = prog.output_shape(loss)
-        if shape is not None and tuple(shape) != ():
-            raise ShapeError(f"{who}: the loss {loss!r} must be a scalar output, it has shape "
-                             f"{tuple(shape)}")
         key = loss
+    shape = prog.output_shape(key)
+    if shape is not None and tuple(shape) != ():
+        raise ShapeError(f"{who}: the loss {key!r} must be a scalar output, it has shape "
+                         f"{tuple(shape)}" + ("" if loss is not None else
+                                              " (name a scalar output with loss=)"))
     if prog.has_context:
         raise TypeError(f"{who}: the model has random or state-keeping operators (Dropout, "
                         f"BatchNorm): its loss is not a function of the parameters alone")
