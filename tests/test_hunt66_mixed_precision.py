@@ -1,0 +1,107 @@
+"""Mixed precision with real losses (session 66): half-precision statistics that torch's
+``torch.autocast`` runs in float32 (``cosine_embedding_loss`` is on its float32 list) must not
+overflow or round away on the NumPy and JAX backends, and ``MixedPrecisionTrainer`` steps
+on them as torch's AMP recipe does."""
+
+from __future__ import annotations
+
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mithril as ml
+from mithril.backends import JaxBackend, NumpyBackend
+from mithril.utils.mixed_precision import MixedPrecisionTrainer
+from mithril.utils.optimizers import SGD
+
+HALF = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+BACKENDS = {"numpy": NumpyBackend, "jax": JaxBackend}
+
+
+def _evaluate(block, backend, ins, data, cot_shape=()):
+    """The block's output and its inputs' gradients as float64 arrays."""
+    model = ml.Model()
+    model |= block(**{k: k for k in (*ins, *data)}, output=ml.IOKey("out"))
+    shapes = {k: list(np.shape(v)) for k, v in {**ins, **data}.items()}
+    compiled = ml.compile(model, backend, shapes=shapes, trainable_keys=set(ins))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, grads = compiled.evaluate({k: backend.array(v) for k, v in ins.items()},
+                                       {k: backend.array(v) for k, v in data.items()},
+                                       output_gradients={"out": backend.array(
+                                           np.ones(cot_shape))})
+    f64 = lambda a: np.asarray(backend.to_numpy(a)).astype(np.float64)  # noqa: E731
+    return f64(out["out"]), {k: f64(grads[k]) for k in ins}
+
+
+# -- CosineEmbeddingLoss: |a|² over 1024 features of size 10 is ~1e5 > 65504 ----------------
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+def test_float16_cosine_embedding_loss_sums_squares_in_float32(kind):
+    """torch.autocast computes ``cosine_embedding_loss`` in float32; in float16 itself |a|²
+    overflowed: NumPy gave the loss 1 (cos = 0) with zero gradients, JAX NaN gradients
+    (every MixedPrecisionTrainer step skipped). Now the float64 truth within float16's
+    rounding."""
+    rng = np.random.default_rng(0)
+    ins = {k: (10 * rng.standard_normal((4, 1024))).astype(np.float16).astype(np.float64)
+           for k in ("input1", "input2")}
+    data = {"target": np.array([1.0, -1.0, 1.0, -1.0])}
+    got, grads = _evaluate(lambda **kw: ml.CosineEmbeddingLoss(reduction="sum")(**kw),
+                           BACKENDS[kind](dtype="float16"), ins, data)
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in ins.items()}
+    want = F.cosine_embedding_loss(t["input1"], t["input2"], torch.tensor(data["target"]),
+                                   reduction="sum")
+    want.backward()
+    assert abs(got - want.item()) < 2e-3 * abs(want.item())  # (1.04 + 0.97 + 0 + 0)
+    for k in ins:
+        ref = t[k].grad.numpy()
+        assert np.isfinite(grads[k]).all()
+        assert np.abs(grads[k] - ref).max() < 2e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+def test_trainer_steps_a_float16_cosine_embedding_model_as_torch_autocast(kind):
+    """A float16 Linear embedding trained with CosineEmbeddingLoss: one SGD step of the
+    MixedPrecisionTrainer moves the float32 masters as torch's autocast + GradScaler step
+    (the loss in float32) does, to float16 rounding. Before, the NumPy step applied zero
+    gradients and the JAX step was skipped (NaN gradients)."""
+    rng = np.random.default_rng(1)
+    x1, x2 = ((10 * rng.standard_normal((4, 1024))).astype(np.float16) for _ in range(2))
+    w = (rng.standard_normal((1024, 1024)) / 32).astype(np.float16).astype(np.float32)
+    target = np.array([1.0, -1.0, 1.0, -1.0])
+    model = ml.Model()
+    model |= ml.Linear(1024, use_bias=False)(input="x1", output="e1")
+    model |= ml.Linear(1024, use_bias=False)(input="x2", output="e2")
+    model |= ml.CosineEmbeddingLoss()(input1="e1", input2="e2", target="target",
+                                      output=ml.IOKey("loss"))
+    backend = BACKENDS[kind](dtype="float16")
+    compiled = ml.compile(model, backend, shapes={"x1": [4, 1024], "x2": [4, 1024]})
+    names = sorted(compiled.get_parameters())
+    trainer = MixedPrecisionTrainer(compiled, SGD(learning_rate=10.0),
+                                    dict.fromkeys(names, w), loss_scale=2.0**8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.forward({"x1": backend.array(x1), "x2": backend.array(x2),
+                         "target": backend.array(target)})
+        masters, _, ok = trainer.backward_and_update({"loss": 1.0})
+    # torch: float32 weights, the Linears in float16 under autocast, the loss in float32
+    ws = [torch.tensor(w, requires_grad=True) for _ in names]
+    opt = torch.optim.SGD(ws, lr=10.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        e1 = torch.tensor(x1) @ ws[0].T
+        e2 = torch.tensor(x2) @ ws[1].T
+        loss = F.cosine_embedding_loss(e1, e2, torch.tensor(target, dtype=torch.float16))
+    assert loss.dtype == torch.float32
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert ok and scaler.get_scale() == trainer.loss_scale == 2.0**8
+    for name, want in zip(names, ws, strict=True):
+        got = np.asarray(backend.to_numpy(masters[name]), np.float64)
+        moved = want.detach().numpy().astype(np.float64) - w
+        assert np.abs(moved).max() > 1e-4  # (the step is not nothing)
+        assert np.abs((got - w) - moved).max() < 3e-2 * np.abs(moved).max()
