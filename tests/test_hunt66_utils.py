@@ -50,3 +50,24 @@ def test_hessian_of_a_non_scalar_default_output_is_refused_in_its_own_words(name
                                                r"\['other', 'out'\] and no 'final_cost'.*loss="):
         hessian_vector_product(c2, p2, data, p2)
     assert c.step == 0 and c2.step == 0
+
+
+# -- monitoring: integer and bool tensors ----------------------------------------------------
+def test_norms_of_integer_and_bool_tensors_on_every_backend():
+    """NumPy and JAX took the norm of an integer or bool array; torch raised its own
+    ``linalg.vector_norm: Expected a floating point or complex tensor`` (a model state's
+    ``num_batches_tracked``, a mask): now the same float64 norm on every backend."""
+    import jax.numpy as jnp
+
+    from mithril.utils.monitoring import global_norm, parameter_norms, update_ratios
+
+    ints, mask = np.array([[3, -4], [12, 0]]), np.array([True, False, True])
+    want = {"i": float(np.linalg.norm(ints)), "m": float(np.linalg.norm(mask.astype(float)))}
+    assert want == {"i": 13.0, "m": np.sqrt(2.0)}
+    for make in (np.asarray, torch.tensor, jnp.asarray):
+        tree = {"i": make(ints), "m": make(mask)}
+        got = parameter_norms(tree)
+        assert got == pytest.approx(want, rel=1e-7), make
+        assert global_norm(tree) == pytest.approx(float(np.sqrt(13.0**2 + 2)), rel=1e-7)
+        assert update_ratios({"i": make(ints)}, {"i": make(ints * 2)}) == \
+            pytest.approx({"i": 1.0})

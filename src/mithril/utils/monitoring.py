@@ -72,8 +72,11 @@ def _norm_list(arrays: list[Any]) -> list[float]:
     if _module(x0) == "torch":
         import torch
 
-        return torch.stack([torch.linalg.vector_norm(x.detach(), dtype=torch.float64)
-                            for x in arrays]).tolist()
+        # (an integer or bool tensor, which vector_norm refuses, widened first: as NumPy's
+        # and JAX's norms of one)
+        return torch.stack([torch.linalg.vector_norm(
+            x.detach() if x.is_floating_point() or x.is_complex() else x.detach().double(),
+            dtype=torch.float64) for x in arrays]).tolist()
     if _is_jax(x0):
         import jax
 
