@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputValueError, ShapeError
+from .half_precision import float32_forward, float32_vjp
 from .operator import Operator, Shape, backend_of, fmt, functional_of, unify
 from .pointwise_losses import check_number, check_reduction, elementwise_cotangent, reduce
 
@@ -258,6 +259,7 @@ class MultiLabelSoftMarginLoss(Operator):
         return s[:-1] if self.reduction == "none" and s is not None else (
             None if s is None else ())
 
+    @float32_forward  # (the sum over the classes: in bfloat16 it stagnates past 256)
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         w = None if self.weight is None else _weight_like(xp, self.weight, input)
         F = functional_of(xp)
@@ -275,6 +277,7 @@ class MultiLabelSoftMarginLoss(Operator):
         loss = xp.sum(loss if w is None else loss * w, axis=-1) / input.shape[-1]
         return reduce(xp, loss, self.reduction)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x, t = args["input"], args["target"]
         gl = (elementwise_cotangent(g, x.shape[:-1], self.reduction) / x.shape[-1])[..., None]
