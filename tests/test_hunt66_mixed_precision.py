@@ -128,3 +128,47 @@ def test_half_multilabel_soft_margin_loss_sums_classes_in_float32(kind, dtype):
     assert abs(got - want.item()) <= eps * abs(want.item())
     ref = x.grad.numpy()
     assert np.abs(grads["input"] - ref).max() < 2 * eps * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_half_multi_margin_loss_in_float32(kind, dtype, weighted):
+    """MultiMarginLoss (on torch.autocast's float32 list; torch has no half CPU kernel): the
+    sum over 1000 classes in bfloat16 on NumPy was 40 bfloat16 eps off the truth, the JAX
+    float16 gradient 6 eps of its largest entry. Now one rounding of the float64 truth."""
+    rng = np.random.default_rng(2)
+    ins = {"input": (3 * rng.standard_normal((64, 1000))).astype(HALF[dtype]).astype(np.float64)}
+    data = {"target": rng.integers(0, 1000, 64)}
+    w = rng.random(1000) + 0.5 if weighted else None
+    got, grads = _evaluate(lambda **kw: ml.MultiMarginLoss(weight=w)(**kw),
+                           BACKENDS[kind](dtype=dtype), ins, data, cot=1024.0)
+    x = torch.tensor(ins["input"], requires_grad=True)
+    want = F.multi_margin_loss(x, torch.tensor(data["target"]),
+                               weight=None if w is None else torch.tensor(w))
+    (1024 * want).backward()
+    eps = float(ml_dtypes.finfo(HALF[dtype]).eps)
+    assert abs(got - want.item()) <= eps * abs(want.item())
+    ref = x.grad.numpy()
+    assert np.abs(grads["input"] - ref).max() < 2 * eps * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_multilabel_margin_loss_in_float32(kind, dtype):
+    """MultiLabelMarginLoss in bfloat16 on NumPy: its VJP's einsum raised ``TypeError:
+    invalid data type for einsum`` (NumPy has no bfloat16 einsum). Now the float64 truth
+    to one rounding (torch.autocast runs it in float32; torch has no half CPU kernel)."""
+    rng = np.random.default_rng(3)
+    ins = {"input": (3 * rng.standard_normal((8, 50))).astype(HALF[dtype]).astype(np.float64)}
+    target = np.full((8, 50), -1)
+    target[:, :20] = rng.integers(0, 50, (8, 20))
+    got, grads = _evaluate(lambda **kw: ml.MultiLabelMarginLoss()(**kw),
+                           BACKENDS[kind](dtype=dtype), ins, {"target": target}, cot=1024.0)
+    x = torch.tensor(ins["input"], requires_grad=True)
+    want = F.multilabel_margin_loss(x, torch.tensor(target))
+    (1024 * want).backward()
+    eps = float(ml_dtypes.finfo(HALF[dtype]).eps)
+    assert abs(got - want.item()) <= eps * abs(want.item())
+    ref = x.grad.numpy()
+    assert np.abs(grads["input"] - ref).max() < 2 * eps * np.abs(ref).max()

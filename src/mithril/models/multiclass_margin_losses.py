@@ -135,6 +135,7 @@ class MultiMarginLoss(_ClassIndexLoss):
         z = self.margin - xp.take_along_axis(x, ti, axis=-1) + x
         return z, xp.arange(x.shape[-1]) != ti
 
+    @float32_forward  # (the sum over the classes; torch.autocast's float32 op)
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         F = functional_of(xp)
         w = None if self.weight is None else _weight_like(xp, self.weight, input)
@@ -149,6 +150,7 @@ class MultiMarginLoss(_ClassIndexLoss):
         loss = xp.sum(h, axis=-1) / input.shape[-1]
         return reduce(xp, loss if w is None else w[target] * loss, self.reduction)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x, t = args["input"], args["target"]
         z, other = self._terms(np, x, t)
@@ -206,6 +208,7 @@ class MultiLabelMarginLoss(_ClassIndexLoss):
         counts = listed[..., :, None] & ~xp.any(onehot, axis=-2)[..., None, :]
         return z, counts & (z > 0), onehot
 
+    @float32_forward  # (torch.autocast's float32 op)
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
@@ -216,6 +219,7 @@ class MultiLabelMarginLoss(_ClassIndexLoss):
         loss = xp.sum(xp.where(act, z, 0.0), axis=(-2, -1)) / input.shape[-1]
         return reduce(xp, loss, self.reduction)
 
+    @float32_vjp  # (NumPy has no bfloat16 einsum)
     def vjp(self, g, out, args, wrt):
         x, t = args["input"], args["target"]
         _, act, onehot = self._parts(np, x, t)
