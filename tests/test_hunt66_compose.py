@@ -65,3 +65,32 @@ def test_a_data_weight_of_another_input_width_is_a_shape_error(make):
     np.testing.assert_allclose(_np(b, grads["linear.bias"]), g.sum(0), rtol=1e-12)
     with pytest.raises(ml.ShapeError, match=r"'w' has shape \[2, 3\].*linear.weight.*\[2, 5\]"):
         c.evaluate(params, {"x": b.ones(4, 5), "w": b.array(w)})
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_a_trainable_key_feeding_an_integer_input_is_refused_at_compile(make):
+    # trainable_keys=["idx"] on an Embedding index compiled, drew float "indices" and then
+    # ran garbage (torch indexed by truncated floats) or failed inside the backend; torch
+    # refuses requires_grad on an integer tensor, as set_differentiability(idx=True) is here
+    from mithril.models import Buffer, Embedding, IOKey
+
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.tensor([0, 1, 4]).requires_grad_()
+    b = make()
+    m = Model()
+    m |= Embedding(num_embeddings=5, dim=2).connect(input="idx", output="e")
+    with pytest.raises(TypeError, match=r"'idx' feeds the integer input\(s\) \['embedding.input'\]"):
+        ml.compile(m, b, shapes={"idx": [3]}, trainable_keys=["idx"])
+    typed = Model()
+    typed |= Buffer().connect(input=IOKey("x", type=ml.Tensor[int]), output="y")
+    with pytest.raises(TypeError, match=r"'x' is declared Tensor\[int\]"):
+        ml.compile(typed, b, shapes={"x": [3]}, trainable_keys=["x"])
+    # the float weight of the same model is trainable and equals torch's gradient
+    c = ml.compile(m, b, shapes={"idx": [3]})
+    params = c.randomize_params()
+    idx, g = np.array([0, 4, 0]), np.random.default_rng(2).standard_normal((3, 2))
+    _, grads = c.evaluate(params, {"idx": b.array(idx, b.int_dtype)},
+                          output_gradients={"e": b.array(g)})
+    tw = torch.tensor(_np(b, params["embedding.weight"]), requires_grad=True)
+    (tg,) = torch.autograd.grad((F.embedding(torch.tensor(idx), tw) * torch.tensor(g)).sum(), [tw])
+    np.testing.assert_allclose(_np(b, grads["embedding.weight"]), tg.numpy(), rtol=1e-12)

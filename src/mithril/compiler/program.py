@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import KeyMismatchError, ShapeError
+from ..models.connection_types import type_name
 from ..models.model import Connection, Model, _as_shape, param_keys
 from ..models.operator import Operator, Shape, broadcast_shapes, fmt, unify
 from .list_inputs import expand_list_inputs
@@ -308,6 +309,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
             raise KeyMismatchError(f"compile(trainable_keys=...): '{key}' is not an input; the "
                                    f"inputs are {sorted(k for k in inputs if k not in prog.constants)}")
         w = prog.param_wires[key] = inputs.pop(key)
+        _check_float_trainable(model, key, w, nodes)
         if b.shapes[w] is None or any(d is None for d in b.shapes[w]):
             raise ShapeError(f"trainable input '{key}' needs a known shape, got {fmt(b.shapes[w])}; "
                              "declare it with compile(..., shapes=...)")
@@ -445,6 +447,19 @@ def _check_own_name(name: str, what: str, inputs: Mapping[str, int],
         raise KeyMismatchError(f"the {what} '{name}' (named by its path) and the model's {other} "
                                f"'{name}' have one name; rename the {other} (an IOKey name "
                                "without '.', or name the block otherwise: Linear(2, name=...))")
+
+
+def _check_float_trainable(model: Model | Operator, key: str, w: int, nodes: list[Node]) -> None:
+    """A trainable input gets a float array and a gradient: one that feeds an integer input
+    (an ``Embedding`` index) or is declared without float is a ``TypeError``, as torch
+    refuses ``requires_grad`` on an integer tensor."""
+    ints = [f"{n.path}.{k}" for n in nodes for k, v in n.ins.items() if v == w and k in n.op.int_inputs]
+    c = model.conns.get(key) if isinstance(model, Model) else None
+    kinds = None if c is None else c.kinds
+    if ints or (kinds is not None and "float" not in kinds):
+        what = f"feeds the integer input(s) {ints}" if ints else f"is declared {type_name(kinds)}"
+        raise TypeError(f"compile(trainable_keys=...): '{key}' {what}; only a float input is "
+                        "trainable (gets a gradient), as torch's requires_grad")
 
 
 def _prune(nodes: list[Node], outputs: Mapping[str, int]) -> tuple[list[Node], set[int]]:
