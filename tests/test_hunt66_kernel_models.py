@@ -9,7 +9,10 @@ autograd (and scikit-learn / NumPy closed forms) in float64 on NumPy, torch and 
 * CosineSimilarity of two numbers (0-d, dim 0), as F.cosine_similarity (JAX raised);
 * GPRLoss / GaussProcessRegressionCore with an indefinite K: refused by name on NumPy and
   torch as torch's Cholesky and scikit-learn refuse it, a NaN loss on JAX (a finite loss
-  of log |det K| before).
+  of log |det K| before);
+* a NaN difference in PairwiseDistance, TripletMarginLoss, EncoderDistanceMatrix and
+  PolynomialKernel: a NaN distance as torch's (NumPy and JAX read it as 0: the masks tested
+  > 0), and PairwiseDistance(p=0) counting an inf difference as 1 (0·inf gave NaN).
 """
 
 from __future__ import annotations
@@ -240,3 +243,57 @@ def test_gp_loss_equals_scikit_learn() -> None:
                                             "s": np.array([0.1]), "k_star": k})
     np.testing.assert_allclose(out["loss"], [-gpr.log_marginal_likelihood_value_], rtol=1e-12)
     np.testing.assert_allclose(out["predictions"][:, 0], gpr.predict(x), atol=1e-12)
+
+
+# -- a NaN or inf difference: distances as torch's (NaN was read as a zero difference) --------
+_NAN_X = np.array([[1.0, np.inf, 0.0], [np.nan, 1.0, 2.0], [1.0, 2.0, 3.0]])
+_NAN_Y = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0], [1.0, -np.inf, 3.0]])
+
+
+def _values(block: Any, ins: dict[str, np.ndarray], backend_name: str) -> np.ndarray:
+    def go() -> np.ndarray:
+        be = BACKENDS[backend_name](dtype="float64")
+        m = ml.Model()
+        m |= block(**{k: k for k in ins}, output="output")
+        c = ml.compile(m, be, shapes={k: list(v.shape) for k, v in ins.items()})
+        return np.asarray(be.to_numpy(c.evaluate({}, {k: be.array(v) for k, v in ins.items()})["output"]))
+    if backend_name == "jax":
+        with jax_float64():
+            return go()
+    return go()
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0, 2.0, 3.0, float("inf")])
+def test_pairwise_distance_nan_and_inf(backend_name: str, p: float) -> None:
+    ins = {"input1": _NAN_X, "input2": _NAN_Y}
+    got = _values(ml.PairwiseDistance(p=p, eps=0.0), ins, backend_name)
+    want = F.pairwise_distance(torch.tensor(_NAN_X), torch.tensor(_NAN_Y), p, 0.0).numpy()
+    np.testing.assert_array_equal(got, want)  # p = 0: [1, 1, 1]; else [inf, nan, inf]
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+def test_triplet_margin_loss_nan(backend_name: str) -> None:
+    ins = {"anchor": _NAN_X[1:], "positive": _NAN_Y[1:], "negative": np.zeros((2, 3))}
+    got = _values(ml.TripletMarginLoss(reduction="none"), ins, backend_name)
+    want = F.triplet_margin_loss(*(torch.tensor(v) for v in ins.values()), reduction="none").numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)  # NaN first, as torch
+    assert np.isnan(got[0])
+
+
+_X_NAN = np.array([[1.0, np.nan], [0.0, 1.0], [1.0, 2.0]])
+_Y = np.array([[1.0, 0.0], [0.0, 1.0]])
+
+
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+def test_distance_matrix_and_polynomial_kernel_nan(backend_name: str) -> None:
+    x, y = torch.tensor(_X_NAN), torch.tensor(_Y)
+    cases = [(ml.EncoderDistanceMatrix(), {"norm": np.array([2.0])}, torch.cdist(x, y)),
+             (ml.EncoderDistanceMatrix(get_final_distance=False), {"norm": np.array([3.0])},
+              torch.cdist(x, y, 3.0) ** 3),
+             (ml.PolynomialKernel(), {"poly_coef": np.array([1.0]), "degree": np.array([2.5])},
+              torch.abs(x @ y.T + 1) ** 2.5)]
+    for block, extra, want in cases:
+        got = _values(block, {"input1": _X_NAN, "input2": _Y, **extra}, backend_name)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, err_msg=repr(block))
+        assert np.isnan(got[0]).all()

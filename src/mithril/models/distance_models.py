@@ -26,7 +26,7 @@ def _order(xp: Any, norm: Any) -> Any:
 
 def _safe_pow(xp: Any, a: Any, p: Any) -> Any:
     """a^p for a >= 0, 0 at a = 0, with finite gradients there (in a: 0; in p: 0)."""
-    pos = a > 0
+    pos = a != 0  # (not > 0: a NaN stays NaN, as torch.cdist)
     return xp.where(pos, xp.exp(p * xp.log(xp.where(pos, a, 1.0))), 0.0)
 
 
@@ -87,14 +87,14 @@ class EncoderDistanceMatrix(Operator):
         p = _order(np, n0)
         diff = x1[:, None, :] - x2[None, :, :]
         a = np.abs(diff)
-        pos = a > 0
+        pos = a != 0
         loga = np.log(np.where(pos, a, 1.0))
         ap = np.where(pos, np.exp(p * loga), 0.0)
         d = ap.sum(-1)
         gd, gp = g, 0.0
         if self.get_final_distance:
             e = 1.0 / p
-            dpos = d > 0
+            dpos = d != 0
             logd = np.log(np.where(dpos, d, 1.0))
             de = np.where(dpos, np.exp(e * logd), 0.0)
             lin = np.zeros_like(d, dtype=bool)

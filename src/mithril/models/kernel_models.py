@@ -100,7 +100,7 @@ class PolynomialKernel(Operator):
         b = x1 @ x2.T + coef.reshape(())
         ab, deg = np.abs(b), degree.reshape(())
         lin = self._linear(np, ab, deg)
-        pos = ab > 0
+        pos = ab != 0
         logb = np.log(np.where(pos, ab, 1.0))
         pw = np.where(pos, np.exp(deg * logb), 0.0)
         slope = np.where(lin, 1 / tiny(ab.dtype), np.where(pos, deg * pw / np.where(pos, ab, 1.0), 0.0))

@@ -243,9 +243,11 @@ def _distance(xp: Any, d: Any, p: float) -> Any:
     a = d * xp.sign(d)  # |d| whose gradient is sign(d), 0 at 0 (JAX's abs has 1 there)
     if math.isinf(p):
         return xp.max(a, axis=-1)  # (JAX's and NumPy's VJP below split ties evenly)
-    pos = a > 0  # the inner wheres keep the unpicked branches' gradients finite
+    # the inner wheres keep the unpicked branches' gradients finite; != 0 (not > 0) lets a
+    # NaN difference through to a NaN distance, as torch (it gave 0)
+    pos = a != 0
     s = xp.sum(xp.where(pos, xp.where(pos, a, 1.0) ** p, 0.0), axis=-1)
-    return xp.where(s > 0, xp.where(s > 0, s, 1.0) ** (1 / p), 0.0)
+    return xp.where(s != 0, xp.where(s != 0, s, 1.0) ** (1 / p), 0.0)
 
 
 def _distance_vjp(d: np.ndarray, n: np.ndarray, p: float) -> np.ndarray:
@@ -255,7 +257,7 @@ def _distance_vjp(d: np.ndarray, n: np.ndarray, p: float) -> np.ndarray:
         top = (a == n).astype(d.dtype)
         return np.sign(d) * top / top.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(a > 0, (a / np.where(n > 0, n, 1.0)) ** (p - 1), 0.0)
+        r = np.where(a != 0, (a / np.where(n != 0, n, 1.0)) ** (p - 1), 0.0)
     return np.sign(d) * r
 
 

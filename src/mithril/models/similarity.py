@@ -137,7 +137,8 @@ class PairwiseDistance(Operator):
 
     def _norm(self, xp: Any, d: Any) -> Any:
         if self.p == 0:
-            return xp.sum((d != 0) + 0 * d, axis=-1, keepdims=self.keepdim)
+            # (an inf or NaN difference counts 1, as torch: 0·inf was NaN)
+            return xp.sum((d != 0).astype(d.dtype), axis=-1, keepdims=self.keepdim)
         n = _distance(xp, d, self.p)  # TripletMarginLoss's: torch's gradient at zeros
         return n[..., None] if self.keepdim else n
 
@@ -154,7 +155,7 @@ class PairwiseDistance(Operator):
         d = x1 - x2 + self.eps
         g = g if self.keepdim else g[..., None]
         if self.p == 0:  # piecewise constant
-            gd = 0 * d * g
+            gd = np.zeros_like(d)
         else:
             gd = g * _distance_vjp(d, _distance(np, d, self.p), self.p)
         res = {}
