@@ -172,3 +172,35 @@ def test_half_multilabel_margin_loss_in_float32(kind, dtype):
     assert abs(got - want.item()) <= eps * abs(want.item())
     ref = x.grad.numpy()
     assert np.abs(grads["input"] - ref).max() < 2 * eps * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_bilinear_contracts_in_float32(kind, dtype):
+    """Bilinear in bfloat16 on NumPy raised ``TypeError: invalid data type for einsum`` in
+    its forward (NumPy has no bfloat16 einsum): a bfloat16 model with a Bilinear layer could
+    not run. Now its output and all four gradients are the float64 truth to the half
+    dtype's rounding, as torch's ``F.bilinear`` in that dtype (which accumulates in float32)."""
+    rng = np.random.default_rng(4)
+    h = HALF[dtype]
+    ins = {"input1": rng.standard_normal((6, 16)), "input2": rng.standard_normal((6, 24)),
+           "weight": rng.standard_normal((8, 16, 24)) / 4, "bias": rng.standard_normal(8)}
+    ins = {k: v.astype(h).astype(np.float64) for k, v in ins.items()}
+    model = ml.Model()
+    model |= ml.Bilinear(16, 24, 8)(input1="input1", input2="input2", weight="weight",
+                                    bias="bias", output=ml.IOKey("out"))
+    backend = BACKENDS[kind](dtype=dtype)
+    compiled = ml.compile(model, backend, shapes={"input1": [6, 16], "input2": [6, 24]},
+                          trainable_keys={"input1", "input2"})
+    cot = rng.standard_normal((6, 8)).astype(h).astype(np.float64)
+    out, grads = compiled.evaluate({k: backend.array(v) for k, v in ins.items()},
+                                   output_gradients={"out": backend.array(cot)})
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in ins.items()}
+    want = F.bilinear(t["input1"], t["input2"], t["weight"], t["bias"])
+    want.backward(torch.tensor(cot))
+    eps = float(ml_dtypes.finfo(h).eps)
+    got = np.asarray(backend.to_numpy(out["out"])).astype(np.float64)
+    assert np.abs(got - want.detach().numpy()).max() < 2 * eps * np.abs(want.detach().numpy()).max()
+    for k in ins:
+        g, ref = np.asarray(backend.to_numpy(grads[k])).astype(np.float64), t[k].grad.numpy()
+        assert np.abs(g - ref).max() < 2 * eps * np.abs(ref).max(), k

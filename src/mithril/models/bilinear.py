@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from .half_precision import float32_forward, float32_vjp
 from .operator import Operator, ShapeError, fmt, functional_of, unify
 
 
@@ -53,6 +54,7 @@ class Bilinear(Operator):
         lead = unify(a[:-1], b[:-1], "input1 (leading axes)", "input2 (leading axes)")
         return (*lead, self.out)
 
+    @float32_forward  # (accumulated in float32, as torch's; NumPy has no bfloat16 einsum)
     def forward(self, xp: Any, input1: Any, input2: Any, weight: Any, bias: Any = None) -> Any:
         F = functional_of(xp)
         if F is not None:
@@ -60,6 +62,7 @@ class Bilinear(Operator):
         y = xp.einsum("...i,oij,...j->...o", input1, weight, input2)
         return y if bias is None else y + bias
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x1, x2, w = args["input1"], args["input2"], args["weight"]
         res = {}
