@@ -297,3 +297,27 @@ def test_distance_matrix_and_polynomial_kernel_nan(backend_name: str) -> None:
         got = _values(block, {"input1": _X_NAN, "input2": _Y, **extra}, backend_name)
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, err_msg=repr(block))
         assert np.isnan(got[0]).all()
+
+
+# -- a constant prior mean (or label) of shape (1, 1), broadcast against the N points ---------
+@pytest.mark.parametrize("backend_name", list(BACKENDS))
+@pytest.mark.parametrize("which", ["mu", "label"])
+def test_gp_broadcast_mean_or_label(backend_name: str, which: str) -> None:
+    # NumPy's gradient for a (1, 1) mu was (N, 1); a (1, 1) label made the loss's
+    # (N/2)·log 2π read N = 1 on every backend
+    n = 4
+    x = _RNG.standard_normal((n, 2))
+    k = np.exp(-0.5 * ((x[:, None] - x[None]) ** 2).sum(-1))
+    ins = {"k": k, "s": np.array([0.3]), "label": _RNG.standard_normal((n, 1)),
+           "mu": _RNG.standard_normal((n, 1)), "k_star": k.copy()}
+    ins[which] = np.array([[0.7]])
+    cots = {"loss": np.array([1.2]), "predictions": _RNG.standard_normal((n, 1)),
+            "confidence": _RNG.standard_normal((n, 1))}
+
+    def block(**kw: str) -> Any:
+        return ml.GaussProcessRegressionCore()(**kw)
+
+    out, grads = _run(block, ins, cots, backend_name)
+    want_out, want_grads = _torch(_gp_ref, ins, cots)
+    _assert_close(out, want_out, backend_name)
+    _assert_close(grads, want_grads, backend_name)

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InputValueError
 from .arithmetic import Add, MatrixMultiply
 from .model import IOKey, Model
-from .operator import Operator, ShapeError, fmt, torch_of, unify
+from .operator import Operator, ShapeError, fmt, torch_of, unbroadcast, unify
 from .primitives import Absolute, Subtract
 from .shaping import Transpose
 
@@ -121,7 +121,8 @@ class GPRLoss(Operator):
     with K = (K_term + K_termᵀ)/2 (the published Mithril's ``GPRLoss``, whose
     Σ log diag(cholesky(K)) is ½·log det K; K must be positive definite: an indefinite K is
     refused with an ``InputValueError`` naming 'K_term', a NaN loss on JAX) and ``alpha`` =
-    K⁻¹·(labels − mu) given. Gradients: ½·alpha, −½·alpha, ½·(labels − mu) and ½·K⁻¹."""
+    K⁻¹·(labels − mu) given; N is K's (a (1, 1) ``mu`` or ``labels`` broadcasts, its
+    gradient summed). Gradients: ½·alpha, −½·alpha, ½·(labels − mu) and ½·K⁻¹."""
 
     inputs = ("labels", "mu", "K_term", "alpha")
 
@@ -144,14 +145,16 @@ class GPRLoss(Operator):
         torch = torch_of(xp)
         diag = torch.diagonal(chol) if torch is not None else xp.diagonal(chol)
         logdet = 2 * xp.log(diag).sum()
-        fit = ((labels - mu) * alpha).sum()
-        return (0.5 * (fit + logdet) + labels.shape[0] * (math.log(2 * math.pi) / 2)).reshape(1)
+        fit = ((labels - mu) * alpha).sum()  # (N: K's, where a (1, 1) mu or labels broadcasts)
+        return (0.5 * (fit + logdet) + K_term.shape[0] * (math.log(2 * math.pi) / 2)).reshape(1)
 
     def vjp(self, g, out, args, wrt):
         g0 = g.reshape(())
-        d = args["labels"] - args["mu"]
-        res = {"labels": 0.5 * g0 * args["alpha"], "mu": -0.5 * g0 * args["alpha"],
-               "alpha": 0.5 * g0 * d}
+        lab, mu, alpha = args["labels"], args["mu"], args["alpha"]
+        full = np.broadcast_shapes(lab.shape, mu.shape, alpha.shape)
+        ga = np.broadcast_to(0.5 * g0 * alpha, full)
+        res = {"labels": unbroadcast(ga, lab.shape), "mu": unbroadcast(-ga, mu.shape),
+               "alpha": unbroadcast(np.broadcast_to(0.5 * g0 * (lab - mu), full), alpha.shape)}
         if "K_term" in wrt:
             res["K_term"] = 0.5 * g0 * _sym(np.linalg.inv(_sym(args["K_term"])))
         return {k: v for k, v in res.items() if k in wrt}
