@@ -204,3 +204,26 @@ def test_half_bilinear_contracts_in_float32(kind, dtype):
     for k in ins:
         g, ref = np.asarray(backend.to_numpy(grads[k])).astype(np.float64), t[k].grad.numpy()
         assert np.abs(g - ref).max() < 2 * eps * np.abs(ref).max(), k
+
+
+@pytest.mark.parametrize("kind", ["numpy", "jax"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_ctc_loss_recursion_in_float32(kind, dtype):
+    """CTCLoss on JAX ran its log-space α/β recursions in the half dtype: a gradient ~15 eps
+    of its largest entry off the truth, a float16 loss several eps off. torch.autocast runs
+    ``ctc_loss`` in float32 (torch has no half CPU kernel); now both backends are the
+    float64 truth (torch's, on the same rounded log-probabilities) to one rounding."""
+    rng = np.random.default_rng(5)
+    T, N, C, S = 50, 4, 20, 10
+    lp = np.log(rng.dirichlet(np.ones(C), (T, N))).astype(HALF[dtype]).astype(np.float64)
+    data = {"targets": rng.integers(1, C, (N, S)), "input_lengths": np.array([50, 45, 40, 30]),
+            "target_lengths": np.array([10, 8, 10, 5])}
+    got, grads = _evaluate(lambda **kw: ml.CTCLoss()(**kw), BACKENDS[kind](dtype=dtype),
+                           {"log_probs": lp}, data, cot=1024.0)
+    x = torch.tensor(lp, requires_grad=True)
+    want = F.ctc_loss(x, *(torch.tensor(v) for v in data.values()))
+    (1024 * want).backward()
+    eps = float(ml_dtypes.finfo(HALF[dtype]).eps)
+    assert abs(got - want.item()) <= eps * abs(want.item())
+    ref = x.grad.numpy()
+    assert np.abs(grads["log_probs"] - ref).max() < 2 * eps * np.abs(ref).max()

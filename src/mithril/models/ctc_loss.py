@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputValueError, ShapeError
+from .half_precision import float32_forward, float32_vjp
 from .operator import Operator, Shape, backend_of, fmt, functional_of
 from .pointwise_losses import check_reduction
 
@@ -274,6 +275,7 @@ class CTCLoss(Operator):
             return nll.sum()
         return (nll / xp.maximum(tl, 1).astype(nll.dtype)).mean()
 
+    @float32_forward  # (the recursions: torch.autocast's float32 op)
     def forward(self, xp: Any, log_probs: Any, targets: Any, input_lengths: Any,
                 target_lengths: Any) -> Any:
         F = functional_of(xp)
@@ -290,6 +292,7 @@ class CTCLoss(Operator):
                 nll = _alphas(xp, lp, lab, il, tl)[0]
         return self._reduce(xp, nll, tl, log_probs.ndim == 2)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         lp, tg, il, tl = self._batched(np, args["log_probs"], args["targets"],
                                        args["input_lengths"], args["target_lengths"])
