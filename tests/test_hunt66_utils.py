@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import jax_float64
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
@@ -13,6 +14,13 @@ from mithril.errors import KeyMismatchError, ShapeError
 from mithril.utils.hessian import hessian_vector_product, hutchinson_diagonal
 
 BACKENDS = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    """float64 JAX for each test, the process-wide flag put back after."""
+    with jax_float64():
+        yield
 
 
 # -- hessian: the default loss, a non-scalar output ------------------------------------------
@@ -71,3 +79,71 @@ def test_norms_of_integer_and_bool_tensors_on_every_backend():
         assert global_norm(tree) == pytest.approx(float(np.sqrt(13.0**2 + 2)), rel=1e-7)
         assert update_ratios({"i": make(ints)}, {"i": make(ints * 2)}) == \
             pytest.approx({"i": 1.0})
+
+
+# -- Muon: a group's averaging and clipping reach its fallback tensors -------------------------
+def _torch_ema_of(trajectory: list[dict], decay: float, start: int) -> list[dict]:
+    """torch's ``AveragedModel(get_ema_multi_avg_fn(decay))`` created after step
+    ``start − 1`` and updated after every later step, over the parameters ``trajectory``."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    names = list(trajectory[0])
+    net = torch.nn.ParameterList([torch.nn.Parameter(torch.tensor(trajectory[0][n]))
+                                  for n in names])
+    avg, out = None, []
+    for t, p in enumerate(trajectory[1:], 1):
+        with torch.no_grad():
+            for q, n in zip(net, names):
+                q.copy_(torch.tensor(p[n]))
+        if t == start:
+            avg = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        if avg is not None:
+            avg.update_parameters(net)
+        src = net if avg is None else avg.module
+        out.append({n: q.detach().numpy().copy() for n, q in zip(names, src)} if avg
+                   else {n: trajectory[0][n] for n in names})
+    return out
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(x.detach().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_muon_group_averaging_and_clipping_reach_the_fallback_tensors(name):
+    """A Muon group naming a fallback tensor (``"b"``, a vector: SGD's) with its own
+    ``ema_decay`` / ``ema_start`` / ``clip_value``: the fallback's rows took Muon's own
+    (the EMA of ``"b"`` started at step 1 with decay 0.5, its gradient unclipped), though
+    clipping and averaging are Muon's for every parameter. Against torch: SGD after
+    ``clip_grad_value_`` for ``"b"``, ``AveragedModel`` EMAs per group."""
+    import jax.numpy as jnp
+
+    from mithril.utils.optimizers import SGD, Muon
+
+    rng = np.random.default_rng(3)
+    p0 = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(6)]
+    make = {"numpy": np.array, "torch": torch.tensor, "jax": jnp.asarray}[name]
+    opt = Muon(0.02, ns_dtype=None, fallback=SGD(0.1), ema_decay=0.5,
+               param_groups=[{"params": ["b"], "ema_decay": 0.9, "ema_start": 3,
+                              "clip_value": 0.3}])
+    params = {k: make(v.copy()) for k, v in p0.items()}
+    state = opt.init(params)
+    traj, emas = [{k: v.copy() for k, v in p0.items()}], []
+    for g in grads:
+        params, state = opt.update(params, {k: make(v) for k, v in g.items()}, state)
+        traj.append({k: _host(v).copy() for k, v in params.items()})
+        emas.append({k: _host(v).copy() for k, v in opt.ema_params(state).items()})
+    b = torch.nn.Parameter(torch.tensor(p0["b"]))  # torch's "b": SGD on clipped gradients
+    sgd = torch.optim.SGD([b], lr=0.1)
+    for t, g in enumerate(grads, 1):
+        b.grad = torch.tensor(g["b"])
+        torch.nn.utils.clip_grad_value_([b], 0.3)
+        sgd.step()
+        np.testing.assert_allclose(traj[t]["b"], b.detach().numpy(), rtol=1e-14, atol=1e-15)
+    want_w = _torch_ema_of([{"w": p["w"]} for p in traj], 0.5, 1)
+    want_b = _torch_ema_of([{"b": p["b"]} for p in traj], 0.9, 3)
+    for t, (got, ww, wb) in enumerate(zip(emas, want_w, want_b, strict=True), 1):
+        np.testing.assert_allclose(got["w"], ww["w"], rtol=1e-13, atol=1e-14, err_msg=str(t))
+        np.testing.assert_allclose(got["b"], wb["b"], rtol=1e-13, atol=1e-14, err_msg=str(t))
+    assert np.array_equal(emas[1]["b"], p0["b"])  # (before its start: the initial params)

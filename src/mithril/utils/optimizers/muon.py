@@ -33,6 +33,7 @@ from .muon_rows import (  # noqa: F401 (read from here too)
     PREFIX,
     _FallbackRow,
     _mlx_update,
+    group_wide_rows,
     optax_group_rows,
 )
 from .sgd import BY_CONVENTION, check_convention
@@ -570,6 +571,7 @@ class Muon(TensorwiseOptimizer):
         out = [views[where[n]] if n in where else r for n, r in zip(lay.names, rows)]
         if self.convention == "optax":  # (a Muon group's lr and eps: optax.partition's)
             out = optax_group_rows(self, rows, out, where, lay.names)
+        out = group_wide_rows(self, rows, out, where, lay.names)  # (its clipping, averages)
         late: dict[tuple, Any] = {}
         _, g_index, g_rows = state.groups  # (resolved by super().tensor_rows: the groups'
         offsets = [int(r.get("step_offset", 0)) for r in g_rows]  # own offsets, not own

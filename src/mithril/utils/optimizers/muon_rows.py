@@ -101,6 +101,34 @@ def optax_group_rows(owner: Muon, rows: list[Any], out: list[Any],
     return out
 
 
+#: Muon's options that hold for every parameter, per Muon group: a fallback row takes them
+#: from its tensor's Muon group (the fallback itself refuses them)
+GROUP_WIDE = ("clip_value", "clip_tensor_norm", "clip_block_rms", "ema_decay", "ema_every",
+              "ema_start", "swa_start")
+
+
+def group_wide_rows(owner: Muon, rows: list[Any], out: list[Any], where: Mapping[str, int],
+                    names: Sequence[str]) -> list[Any]:
+    """The fallback's rows (``out``, at ``where[name]``) with :data:`GROUP_WIDE` of their
+    tensor's Muon group (``rows``: Muon's own row of each tensor): a group's ``ema_start``,
+    ``ema_decay`` or ``clip_value`` naming a fallback tensor was left out (its row had
+    Muon's own), though clipping and averaging are Muon's for every parameter."""
+    made: dict[tuple, Any] = {}
+    for i, n in enumerate(names):
+        r, fr = rows[i], out[i]
+        if n not in where or r is owner:
+            continue
+        got = tuple((k, getattr(r, k)) for k in GROUP_WIDE)
+        if all(getattr(fr, k) == v for k, v in got):
+            continue
+        key = (id(fr), got)
+        if key not in made:
+            row = made[key] = copy.copy(fr)
+            row.__dict__.update(got)
+        out[i] = made[key]
+    return out
+
+
 def _mlx_update(self: Muon, xp: NumpyOps, p: Any, g: Any, slots: dict[str, Any],
                 lr: float) -> tuple[Any, dict[str, Any]]:
     """MLX's Muon on one tensor (its coupled weight decay is already in ``g``)."""
