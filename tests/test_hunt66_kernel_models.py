@@ -321,3 +321,12 @@ def test_gp_broadcast_mean_or_label(backend_name: str, which: str) -> None:
     want_out, want_grads = _torch(_gp_ref, ins, cots)
     _assert_close(out, want_out, backend_name)
     _assert_close(grads, want_grads, backend_name)
+
+
+def test_cosine_similarity_negative_eps_refused() -> None:
+    # torch refuses it ('eps must be non-negative'); here a zero vector gave 0/0 = NaN
+    with pytest.raises(RuntimeError, match="eps must be non-negative"):
+        F.cosine_similarity(torch.ones(2, 3), torch.zeros(2, 3), eps=-1.0)
+    with pytest.raises(ValueError, match="CosineSimilarity: eps must be a finite number >= 0"):
+        ml.CosineSimilarity(eps=-1.0)
+    assert ml.CosineSimilarity(eps=0).eps == 0.0  # (0 is torch's too)

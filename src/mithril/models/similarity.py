@@ -48,6 +48,8 @@ class CosineSimilarity(Operator):
             raise TypeError(f"CosineSimilarity: dim must be an int, got {dim!r}")
         self.dim = int(dim)
         self.eps = _number(eps, "CosineSimilarity", "eps")
+        if self.eps < 0:  # (torch: 'eps must be non-negative', at the first call)
+            raise ValueError(f"CosineSimilarity: eps must be a finite number >= 0, got {eps!r}")
 
     def _axis(self, rank: int) -> int:
         if not -max(rank, 1) <= self.dim < max(rank, 1):  # (0-d: dim 0 or -1, as torch)
