@@ -82,9 +82,10 @@ def test_norms_of_integer_and_bool_tensors_on_every_backend():
 
 
 # -- Muon: a group's averaging and clipping reach its fallback tensors -------------------------
-def _torch_ema_of(trajectory: list[dict], decay: float, start: int) -> list[dict]:
-    """torch's ``AveragedModel(get_ema_multi_avg_fn(decay))`` created after step
-    ``start − 1`` and updated after every later step, over the parameters ``trajectory``."""
+def _torch_ema_of(trajectory: list[dict], decay: float | None, start: int) -> list[dict]:
+    """torch's ``AveragedModel(get_ema_multi_avg_fn(decay))`` (None: ``AveragedModel``'s
+    default equal average, SWA) created after step ``start − 1`` and updated after every
+    later step, over the parameters ``trajectory`` (the initial ones first)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     names = list(trajectory[0])
@@ -96,7 +97,8 @@ def _torch_ema_of(trajectory: list[dict], decay: float, start: int) -> list[dict
             for q, n in zip(net, names):
                 q.copy_(torch.tensor(p[n]))
         if t == start:
-            avg = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay))
+            avg = AveragedModel(net) if decay is None else AveragedModel(
+                net, multi_avg_fn=get_ema_multi_avg_fn(decay))
         if avg is not None:
             avg.update_parameters(net)
         src = net if avg is None else avg.module
@@ -147,3 +149,41 @@ def test_muon_group_averaging_and_clipping_reach_the_fallback_tensors(name):
         np.testing.assert_allclose(got["w"], ww["w"], rtol=1e-13, atol=1e-14, err_msg=str(t))
         np.testing.assert_allclose(got["b"], wb["b"], rtol=1e-13, atol=1e-14, err_msg=str(t))
     assert np.array_equal(emas[1]["b"], p0["b"])  # (before its start: the initial params)
+
+
+@pytest.mark.parametrize("kind", ["Muon", "Adafactor", "SM3"])
+def test_traced_tensorwise_averages_follow_each_group(kind):
+    """``optax_transformation`` of a tensorwise optimizer (Muon, Adafactor, SM3) gave every
+    tensor the optimizer's own averaging weights: a group's ``ema_decay`` / ``ema_start`` /
+    ``swa_start`` were left out of the traced program (the eager step keeps them). Against
+    torch's ``AveragedModel`` per group over the parameters the program gives."""
+    import jax.numpy as jnp
+    import optax
+
+    import mithril.utils.optimizers as mo
+    from mithril.interop import optax_transformation
+
+    rng = np.random.default_rng(7)
+    p0 = {"w": rng.standard_normal((4, 3)), "b": rng.standard_normal(3)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(6)]
+    extra = {"ns_dtype": None} if kind == "Muon" else {}
+    opt = getattr(mo, kind)(0.02, ema_decay=0.5, swa_start=4, **extra, param_groups=[
+        {"params": ["w"], "ema_decay": 0.9, "ema_start": 3, "swa_start": 2}])
+    tx = optax_transformation(opt)
+    q = {k: jnp.asarray(v) for k, v in p0.items()}
+    s = tx.init(q)
+    traj, got = [p0], []
+    for g in grads:
+        u, s = tx.update({k: jnp.asarray(v) for k, v in g.items()}, s, q)
+        q = optax.apply_updates(q, u)
+        traj.append({k: np.asarray(v, np.float64) for k, v in q.items()})
+        got.append({a: {k: np.asarray(v, np.float64) for k, v in s.slots[a].items()}
+                    for a in ("ema", "swa")})
+    want = {("ema", "w"): _torch_ema_of([{"w": p["w"]} for p in traj], 0.9, 3),
+            ("ema", "b"): _torch_ema_of([{"b": p["b"]} for p in traj], 0.5, 1),
+            ("swa", "w"): _torch_ema_of([{"w": p["w"]} for p in traj], None, 2),
+            ("swa", "b"): _torch_ema_of([{"b": p["b"]} for p in traj], None, 4)}
+    for (a, k), rows in want.items():
+        for t, (g, w) in enumerate(zip(got, rows, strict=True), 1):
+            np.testing.assert_allclose(g[a][k], w[k], rtol=1e-13, atol=1e-14,
+                                       err_msg=f"{kind} {a} {k} step {t}")

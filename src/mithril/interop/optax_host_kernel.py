@@ -105,10 +105,10 @@ def _gscale(opt: Any, attrs: list[dict[str, Any]], grads: list[Any]) -> Any:
 def host_tensorwise(opt: Any, rows: Any, leaves: list[Any], grads: list[Any],
                     table: list[list[Any]], attrs: list[dict[str, Any]],
                     slot_leaves: dict[str, list[Any]], full: tuple[str, ...],
-                    avg_w: list[Any], skip: Any = None) -> tuple | None:
+                    avg_w: list[list[Any]], skip: Any = None) -> tuple | None:
     """:func:`host_update` for a tensorwise optimizer (``rows``: its
     :class:`~mithril.interop.optax_tensorwise._Rows`; ``table``: each row's scalars,
-    ``avg_w``: the averages' weights): (new params, new slots by name, gradients finite,
+    ``avg_w``: each row's averages' weights): (new params, new slots by name, gradients finite,
     new values finite), or None where no kernel takes the step. Adafactor's (torch's
     convention, ``fused=True``) and SM3's run as one call (:mod:`.xla_ffi_tensorwise`),
     the kernel's table a row per tensor made here from the rows' scalars, as the NumPy
@@ -156,7 +156,7 @@ def host_tensorwise(opt: Any, rows: Any, leaves: list[Any], grads: list[Any],
         got = make(row, a, table[r], gscale, c, l2, dt)
         if got is None:
             return None
-        per_row.append(jnp.stack([jnp.asarray(v).astype(dt) for v in (*got, *avg_w)]))
+        per_row.append(jnp.stack([jnp.asarray(v).astype(dt) for v in (*got, *avg_w[r])]))
     H = jnp.stack(per_row)[np.asarray(plan.index, np.int32)]
     new_ps, new_slots, gf, vf = call(H, clip, leaves, grads, [list(slot_leaves[s]) for s in full],
                                      skip=skip)

@@ -248,11 +248,12 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
         driven = {k: _Hyper(hyper[i, 0], hyper[i, 1]) for i, k in enumerate(traced)}
         now = scheduled(sched, count, state.hyperparams)
         driven.update(now)
-        avg_w = _averaging_weights(opt, t)
+        # (each row's: a group's own ema_decay / ema_start / swa_start, as the eager step's)
+        avg_w = [_averaging_weights(r, t) for r in rows.rows]
         late = joined(plan, t)  # (groups that join after the first steps: see joined)
         if average_only:
             return averages_only(state, treedef, leaves, names, average_only, slot_leaves,
-                                 averaged, lambda i: avg_w, late, new_params)
+                                 averaged, lambda i: avg_w[plan.index[i]], late, new_params)
         t_rows = t if missed is None else t - jnp.asarray(missed).astype(t.dtype)
         table = _row_scalars(plan, t_rows, lr, driven, _wide())
         attrs = plan.attrs(driven)
@@ -299,7 +300,7 @@ def tensorwise_transformation(opt: Any, learning_rate: Any, scalars: str,
                                            f"{s!r} of '{names[i]}' with shape {v.shape}, not "
                                            f"{old.shape}")
                     new_slots[s][i] = v.astype(old.dtype)
-                for s, w in zip(averaged, avg_w):
+                for s, w in zip(averaged, avg_w[r]):
                     a = slot_leaves[s][i]
                     w = w.astype(a.dtype)
                     new_slots[s][i] = jnp.where(w == 1, new_p,
