@@ -409,7 +409,7 @@ class GroupsMixin:
                                   regex: str | None = None, *,
                                   var_names: Sequence[str] | None = None,
                                   var_list: Any = None) -> None:
-        """No weight decay for the parameters ``names`` lists (exact names), those
+        """No weight decay for the parameters ``names`` lists (exact names; not a string), those
         ``regex`` matches (searched in the name), or, Keras' rule, those in whose name one of
         ``var_names`` is found (``var_names=["bias", "norm"]``; joined into one regex with
         ``|``, as Keras does). Takes effect at the next update, in any group; one naming an
@@ -419,6 +419,9 @@ class GroupsMixin:
         if var_list is not None:  # (Keras's variables have no counterpart: their names do)
             raise TypeError("exclude_from_weight_decay: Keras's var_list= (variables) is "
                             "names= here, the parameters' names (names=['linear.bias'])")
+        if isinstance(names, str):  # (kept as given, a string would be searched as a regex)
+            raise TypeError(f"exclude_from_weight_decay: names must be a list of exact names, "
+                            f"got the string {names!r:.60} (a pattern is regex=)")
         if var_names is not None:
             if isinstance(var_names, str) or not all(isinstance(v, str) for v in var_names):
                 raise TypeError("exclude_from_weight_decay: var_names must be a list of strings")
