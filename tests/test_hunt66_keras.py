@@ -59,6 +59,16 @@ for t in range(STEPS):
     opt.apply([jnp.asarray(grads[t][k]) for k in vs], list(vs.values()))
     traj.append({{k: np.array(v.value).tolist() for k, v in vs.items()}})
 out["adamw_exclude_w"] = traj
+# the same without exclusions
+opt = keras.optimizers.AdamW(learning_rate=0.01, weight_decay=0.5)
+vs = {{k: keras.Variable(v, dtype="float64", name=k) for k, v in p0.items()}}
+opt.build(list(vs.values()))
+traj = []
+for t in range(STEPS):
+    opt.learning_rate = 0.01 * (3.0 if 8 <= t < 15 else 0.5 if t >= 15 else 1.0)
+    opt.apply([jnp.asarray(grads[t][k]) for k in vs], list(vs.values()))
+    traj.append({{k: np.array(v.value).tolist() for k, v in vs.items()}})
+out["adamw"] = traj
 print(json.dumps(out))
 """
 
@@ -105,14 +115,38 @@ def test_exclude_names_is_exact_and_a_lone_string_is_refused(backend: str,
     step ~2.5e-3 off Keras's after 24 steps); it is refused now, naming ``names`` and
     ``regex=``, and the refused call changes nothing."""
     opt = mo.AdamW(learning_rate=0.01, weight_decay=0.5, epsilon=1e-7, convention="keras")
-    with pytest.raises(TypeError, match=r"names must be a list of exact names, got the "
-                                        r"string 'w' \(a pattern is regex=\)"):
+    with pytest.raises(TypeError, match=r"names must be a list of exact names, got 'w' "
+                                        r"\(a pattern is regex=\)"):
         opt.exclude_from_weight_decay(names="w")
     assert opt.exclude_weight_decay == []
     opt.exclude_from_weight_decay(names=["w"])
     with jax_float64():
         traj = _run(opt, backend)
     for t, (got, want) in enumerate(zip(traj, keras_runs["adamw_exclude_w"], strict=True)):
+        for k in SHAPES:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-14,
+                                       err_msg=f"{k} at step {t}")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"regex": ["w"]}, r"regex must be a string searched in each name, got \['w'\] "
+                       r"\(exact names are names=\)"),
+    ({"names": {"w": True}}, r"names must be a list of exact names, got \{'w': True\}"),
+    ({"names": ["w", 3]}, r"names must be a list of exact names, got \['w', 3\]"),
+    ({"names": ["w"], "regex": ("^b",)}, r"regex must be a string"),
+])
+def test_exclude_arguments_of_another_kind_are_refused_at_the_call(kwargs: dict, message: str,
+                                                                   keras_runs: dict) -> None:
+    """``regex=["w"]`` was taken as a list of exact names (``"ww"`` kept decaying, where the
+    pattern ``w`` excludes it); ``names={"w": True}`` was taken, and every later update raised
+    a KeyError for the parameters the dict left out. Each is refused at the call, naming the
+    argument, and leaves no exclusion behind: the run is Keras's AdamW without one."""
+    opt = mo.AdamW(learning_rate=0.01, weight_decay=0.5, epsilon=1e-7, convention="keras")
+    with pytest.raises(TypeError, match=message):
+        opt.exclude_from_weight_decay(**kwargs)
+    assert opt.exclude_weight_decay == []
+    traj = _run(opt, "numpy")
+    for t, (got, want) in enumerate(zip(traj, keras_runs["adamw"], strict=True)):
         for k in SHAPES:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-14,
                                        err_msg=f"{k} at step {t}")

@@ -409,7 +409,7 @@ class GroupsMixin:
                                   regex: str | None = None, *,
                                   var_names: Sequence[str] | None = None,
                                   var_list: Any = None) -> None:
-        """No weight decay for the parameters ``names`` lists (exact names; not a string), those
+        """No weight decay for the parameters ``names`` lists (exact names), those
         ``regex`` matches (searched in the name), or, Keras' rule, those in whose name one of
         ``var_names`` is found (``var_names=["bias", "norm"]``; joined into one regex with
         ``|``, as Keras does). Takes effect at the next update, in any group; one naming an
@@ -419,9 +419,13 @@ class GroupsMixin:
         if var_list is not None:  # (Keras's variables have no counterpart: their names do)
             raise TypeError("exclude_from_weight_decay: Keras's var_list= (variables) is "
                             "names= here, the parameters' names (names=['linear.bias'])")
-        if isinstance(names, str):  # (kept as given, a string would be searched as a regex)
+        if names is not None and (not isinstance(names, (list, tuple)) or not all(
+                isinstance(n, str) for n in names)):  # (a string would be searched as a regex)
             raise TypeError(f"exclude_from_weight_decay: names must be a list of exact names, "
-                            f"got the string {names!r:.60} (a pattern is regex=)")
+                            f"got {names!r:.60} (a pattern is regex=)")
+        if regex is not None and not isinstance(regex, str):  # (a list: exact names)
+            raise TypeError(f"exclude_from_weight_decay: regex must be a string searched in "
+                            f"each name, got {regex!r:.60} (exact names are names=)")
         if var_names is not None:
             if isinstance(var_names, str) or not all(isinstance(v, str) for v in var_names):
                 raise TypeError("exclude_from_weight_decay: var_names must be a list of strings")
