@@ -227,3 +227,68 @@ def test_half_ctc_loss_recursion_in_float32(kind, dtype):
     assert abs(got - want.item()) <= eps * abs(want.item())
     ref = x.grad.numpy()
     assert np.abs(grads["log_probs"] - ref).max() < 2 * eps * np.abs(ref).max()
+
+
+# -- parameters the loss does not reach: torch.optim skips a .grad None ---------------------
+def _two_heads(backend):
+    model = ml.Model()
+    model |= ml.Linear(3)(input="input", output="a")
+    model |= ml.Linear(2)(input="input", output=ml.IOKey("b"))
+    model |= ml.MeanSquaredError()(input="a", target="target", output=ml.IOKey("loss"))
+    return ml.compile(model, backend, shapes={"input": [2, 4]})
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "jax"])
+def test_trainer_leaves_unreached_head_as_torch_amp_adamw(kind):
+    """A two-head model whose loss reaches one head: under torch.autocast + GradScaler the
+    other head's ``.grad`` is None, so AdamW neither decays it nor starts its step count;
+    when a later step reaches it, its bias correction is a first step's. The trainer gave it
+    zero gradients instead: its weights decayed by lr·wd·w on the first step (as a
+    TrainStep, which leaves them out, does not). Now as torch's: 2 steps, float32 masters."""
+    from mithril.backends import TorchBackend
+    from mithril.utils.optimizers import AdamW
+
+    backend = {**BACKENDS, "torch": TorchBackend}[kind](dtype="float16")
+    compiled = _two_heads(backend)
+    rng = np.random.default_rng(7)
+    p0 = {"linear_0.weight": rng.standard_normal((3, 4)), "linear_0.bias": rng.standard_normal(3),
+          "linear_1.weight": rng.standard_normal((2, 4)), "linear_1.bias": rng.standard_normal(2)}
+    p0 = {k: v.astype(np.float16).astype(np.float32) for k, v in p0.items()}
+    x = rng.standard_normal((2, 4)).astype(np.float16)
+    y = rng.standard_normal((2, 3)).astype(np.float16)
+    cot_b = rng.standard_normal((2, 2)).astype(np.float16)
+    trainer = MixedPrecisionTrainer(compiled, AdamW(learning_rate=0.1, weight_decay=0.5),
+                                    dict(p0), loss_scale=2.0**8)
+    data = {"input": backend.array(x), "target": backend.array(y)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.forward(data)
+        first, _, ok1 = trainer.backward_and_update({"loss": 1.0})
+        first = {k: np.array(backend.to_numpy(v), np.float64) for k, v in first.items()}
+        trainer.forward(data)
+        second, _, ok2 = trainer.backward_and_update({"loss": 1.0, "b": cot_b})
+    # torch: float32 weights, the Linears under autocast in float16, the MSE in float32
+    w = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
+    opt = torch.optim.AdamW(list(w.values()), lr=0.1, weight_decay=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    want = []
+    for step in range(2):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            xt = torch.tensor(x)
+            a = xt @ w["linear_0.weight"].T + w["linear_0.bias"]
+            b = xt @ w["linear_1.weight"].T + w["linear_1.bias"]
+        loss = ((a.float() - torch.tensor(y).float()) ** 2).mean()
+        if step:
+            loss = loss + (b.float() * torch.tensor(cot_b).float()).sum()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        want.append({k: v.detach().numpy().astype(np.float64) for k, v in w.items()})
+    assert ok1 and ok2
+    for k in ("linear_1.weight", "linear_1.bias"):  # unreached: exactly as they were
+        np.testing.assert_array_equal(first[k], p0[k])
+    for got, ref in ((first, want[0]), ((second), want[1])):
+        for k, v in got.items():
+            v = np.array(backend.to_numpy(v), np.float64) if not isinstance(v, np.ndarray) else v
+            np.testing.assert_allclose(v, ref[k], rtol=0, atol=2e-3, err_msg=k)

@@ -34,7 +34,9 @@ What happens in one step:
    changes, as when the optimizer skips a step itself: ``state.last_step_skipped = True``,
    ``state.num_skipped += 1`` and ``state.last_grad_norm`` is the skipped gradients' global
    norm (inf or NaN: what torch's ``clip_grad_norm_`` returns after ``unscale_``). Otherwise
-   the optimizer updates the masters.
+   the optimizer updates the masters. Parameters that none of the outputs given loss
+   gradients reaches (another head's) are left out of the update, as ``torch.optim`` skips
+   a ``.grad`` None (:mod:`~mithril.utils.unreached_params`, as a ``TrainStep``).
 5. **Dynamic scale** (:class:`LossScaler`, ``torch.amp.GradScaler`` semantics): on inf/NaN the
    scale is multiplied by ``backoff_factor`` and the growth tracker reset; after
    ``growth_interval`` consecutive finite steps it is multiplied by ``growth_factor`` (only if the
@@ -90,6 +92,7 @@ from .mixed_precision_engines import ENGINES, Engine
 from .optimizers.base import Optimizer
 from .optimizers.checks import check_flag, check_int, describe
 from .optimizers.state import OptimizerState
+from .unreached_params import unreached_params, update_reached
 
 __all__ = ["LossScaler", "MixedPrecisionTrainer"]
 
@@ -220,6 +223,7 @@ class MixedPrecisionTrainer(FixedParts):
         #: the unscaled float32 gradients of the last backward pass (e.g. for monitoring)
         self.last_gradients: dict[str, Any] | None = None
         self._out_shapes: dict[str, tuple] = {}
+        self._unreached: dict[frozenset[str], frozenset[str]] = {}  # (per loss keys)
         self._made = True
 
     #: what the masters, the engine and the state were made for
@@ -402,7 +406,15 @@ class MixedPrecisionTrainer(FixedParts):
             finite = self._agree(bool(finite))
         if finite:
             try:  # (the optimizer's own checks: it then changed nothing, nor has this)
-                master, state = self.optimizer.update(
+                # (parameters no given output reaches are left out, as torch.optim skips a
+                # .grad None: no decay, no momentum, their missed step counted)
+                unreached = self._unreached.get(frozenset(cots))
+                if unreached is None:
+                    unreached = self._unreached[frozenset(cots)] = unreached_params(
+                        self.model, tuple(cots), self.optimizer)
+                master, state = update_reached(
+                    self.optimizer, unreached, self._master, grads, self.optimizer_state,
+                    **kw) if unreached else self.optimizer.update(
                     self._master, grads, self.optimizer_state, **kw)
             except BaseException:
                 eng.clear()
