@@ -292,3 +292,38 @@ def test_trainer_leaves_unreached_head_as_torch_amp_adamw(kind):
         for k, v in got.items():
             v = np.array(backend.to_numpy(v), np.float64) if not isinstance(v, np.ndarray) else v
             np.testing.assert_allclose(v, ref[k], rtol=0, atol=2e-3, err_msg=k)
+
+
+@pytest.mark.parametrize("order", [("loss", "both"), ("both", "loss")])
+def test_trainer_accumulate_window_mixing_reached_heads_keeps_every_gradient(order):
+    """With an Accumulate, one micro-batch's loss may reach a head the window's other does
+    not: the window sums every parameter's gradient (zeros where unreached), so the step is
+    torch's accumulation loop's (``(loss / 2).backward()`` twice, then AdamW), not a
+    KeyMismatchError between the micro-batches' gradient sets."""
+    from mithril.utils.accumulation import Accumulate
+    from mithril.utils.optimizers import AdamW
+
+    backend = NumpyBackend(dtype="float32")
+    compiled = _two_heads(backend)
+    p0 = {k: np.array(v) for k, v in compiled.get_parameters().items()}
+    trainer = MixedPrecisionTrainer(compiled, Accumulate(AdamW(learning_rate=0.1,
+                                                               weight_decay=0.5), 2),
+                                    dict(p0), loss_scale=1.0, dynamic_loss_scaling=False)
+    x, y, cb = np.ones((2, 4)), np.zeros((2, 3)), np.ones((2, 2))
+    for o in order:
+        trainer.forward({"input": x, "target": y})
+        masters, _, _ = trainer.backward_and_update(
+            {"loss": 1.0} if o == "loss" else {"loss": 1.0, "b": cb})
+    w = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
+    opt = torch.optim.AdamW(list(w.values()), lr=0.1, weight_decay=0.5)
+    for o in order:
+        xt = torch.tensor(x, dtype=torch.float32)
+        a = xt @ w["linear_0.weight"].T + w["linear_0.bias"]
+        b = xt @ w["linear_1.weight"].T + w["linear_1.bias"]
+        loss = ((a - torch.tensor(y, dtype=torch.float32)) ** 2).mean()
+        if o == "both":
+            loss = loss + (b * torch.tensor(cb, dtype=torch.float32)).sum()
+        (loss / 2).backward()
+    opt.step()
+    for k, v in masters.items():
+        np.testing.assert_allclose(v, w[k].detach().numpy(), rtol=0, atol=1e-6, err_msg=k)

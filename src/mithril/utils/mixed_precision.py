@@ -36,7 +36,8 @@ What happens in one step:
    norm (inf or NaN: what torch's ``clip_grad_norm_`` returns after ``unscale_``). Otherwise
    the optimizer updates the masters. Parameters that none of the outputs given loss
    gradients reaches (another head's) are left out of the update, as ``torch.optim`` skips
-   a ``.grad`` None (:mod:`~mithril.utils.unreached_params`, as a ``TrainStep``).
+   a ``.grad`` None (:mod:`~mithril.utils.unreached_params`, as a ``TrainStep``; not with
+   an ``Accumulate``, which gets zeros for them).
 5. **Dynamic scale** (:class:`LossScaler`, ``torch.amp.GradScaler`` semantics): on inf/NaN the
    scale is multiplied by ``backoff_factor`` and the growth tracker reset; after
    ``growth_interval`` consecutive finite steps it is multiplied by ``growth_factor`` (only if the
@@ -407,10 +408,12 @@ class MixedPrecisionTrainer(FixedParts):
         if finite:
             try:  # (the optimizer's own checks: it then changed nothing, nor has this)
                 # (parameters no given output reaches are left out, as torch.optim skips a
-                # .grad None: no decay, no momentum, their missed step counted)
+                # .grad None: no decay, no momentum, their missed step counted; not with an
+                # Accumulate, whose window sums the same parameters whatever each call gives)
                 unreached = self._unreached.get(frozenset(cots))
                 if unreached is None:
-                    unreached = self._unreached[frozenset(cots)] = unreached_params(
+                    unreached = self._unreached[frozenset(cots)] = frozenset() if isinstance(
+                        self.optimizer, Accumulate) else unreached_params(
                         self.model, tuple(cots), self.optimizer)
                 master, state = update_reached(
                     self.optimizer, unreached, self._master, grads, self.optimizer_state,
