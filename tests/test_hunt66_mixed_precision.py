@@ -327,3 +327,33 @@ def test_trainer_accumulate_window_mixing_reached_heads_keeps_every_gradient(ord
     opt.step()
     for k, v in masters.items():
         np.testing.assert_allclose(v, w[k].detach().numpy(), rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_trainer_refuses_batch_norm_state_naming_the_way_out():
+    """A BatchNorm with running statistics: the trainer's forward has no ``state=``, yet its
+    error told to pass ``state=compiled.initial_state_dict to evaluate(..., state=...)``.
+    Now it names the state keys and what to compile instead; nothing changes."""
+    model = ml.Model()
+    model |= ml.BatchNorm1D(5)(input="input", output=ml.IOKey("output"))
+    backend = NumpyBackend(dtype="float16")
+    compiled = ml.compile(model, backend, shapes={"input": [4, 5]})
+    trainer = MixedPrecisionTrainer(compiled, SGD(learning_rate=0.1),
+                                    compiled.get_parameters())
+    before = {k: np.array(v) for k, v in trainer.master_params.items()}
+    with pytest.raises(ml.KeyMismatchError) as err:
+        trainer.forward({"input": np.ones((4, 5))})
+    msg = str(err.value)
+    assert "batch_norm1_d.running_mean" in msg and "track_running_stats=False" in msg
+    assert "evaluate(" not in msg
+    with pytest.raises(RuntimeError, match="forward"):  # (no forward was kept)
+        trainer.backward_and_update({"output": np.ones((4, 5))})
+    for k, v in trainer.master_params.items():
+        np.testing.assert_array_equal(v, before[k])
+    # without running statistics it trains
+    model = ml.Model()
+    model |= ml.BatchNorm1D(5, track_running_stats=False)(input="input", output=ml.IOKey("output"))
+    compiled = ml.compile(model, backend, shapes={"input": [4, 5]})
+    trainer = MixedPrecisionTrainer(compiled, SGD(learning_rate=0.1),
+                                    compiled.get_parameters(), loss_scale=1.0)
+    trainer.forward({"input": np.arange(20.0).reshape(4, 5)})
+    assert trainer.backward_and_update({"output": np.ones((4, 5))})[2]

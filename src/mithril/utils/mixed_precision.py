@@ -311,6 +311,11 @@ class MixedPrecisionTrainer(FixedParts):
         # earlier graph), ready for backward_and_update, and the Dropout counter is restored;
         # the engine replaces what it keeps only once the new forward has run
         model = self.model
+        if model.program.state_shapes:  # (the compiler's error would point at evaluate(state=))
+            raise KeyMismatchError(
+                f"MixedPrecisionTrainer: the model keeps state {sorted(model.program.state_shapes)}"
+                " (running statistics), which the trainer does not carry between steps: compile "
+                "it without (BatchNorm(..., track_running_stats=False), GroupNorm, LayerNorm)")
         params, ins = model._validate(self.compute_params(), self._prepare_inputs(inputs))
         random_step = getattr(model, "step", None)
         try:
