@@ -94,3 +94,37 @@ def test_a_trainable_key_feeding_an_integer_input_is_refused_at_compile(make):
     tw = torch.tensor(_np(b, params["embedding.weight"]), requires_grad=True)
     (tg,) = torch.autograd.grad((F.embedding(torch.tensor(idx), tw) * torch.tensor(g)).sum(), [tw])
     np.testing.assert_allclose(_np(b, grads["embedding.weight"]), tg.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_a_mask_the_model_computes_is_refused_as_an_index(make):
+    # x[x > 1.0] was taken as integer indexing: compile said shape [3, 4, 4], torch then
+    # indexed rows 0 and 1 (the mask cast to int64: silently not torch's x[mask]), NumPy
+    # and JAX raised an IndexError; torch's x[mask] selects as many elements as
+    # the mask holds, a shape a compiled program cannot know
+    from mithril.models import Buffer, Embedding, IOKey, Where
+
+    b = make()
+    xv = np.array([[0.5, 2.0, 1.5, -1.0], [3.0, 0.0, 1.0, 1.2], [0.1, 0.2, 0.3, 4.0]])
+    assert torch.tensor(xv)[torch.tensor(xv) > 1.0].shape == (5,)
+    m = Model()
+    x = IOKey("x", shape=[3, 4])
+    m |= Buffer().connect(input=x[x > 1.0], output="out")
+    with pytest.raises(TypeError, match=r"gather_indexer.index0.*'greater.output' is the bool output"):
+        ml.compile(m, b)
+    emb = Model()
+    emb |= Embedding(5, 2).connect(input=IOKey("x", shape=[3]) > 0.0, output="out")
+    with pytest.raises(TypeError, match=r"embedding.input \(Embedding\) takes integer indices"):
+        ml.compile(emb, b)
+    # what keeps the shape: Where(mask, x, 0), equal to torch's with its gradient
+    keep = Model()
+    x = IOKey("x", shape=[3, 4])
+    keep |= Where().connect(cond=x > 1.0, input1=x, input2=ml.Tensor(0.0), output="out")
+    c = ml.compile(keep, b, trainable_keys=["x"])
+    g = np.random.default_rng(3).standard_normal((3, 4))
+    out, grads = c.evaluate({"x": b.array(xv)}, {}, output_gradients={"out": b.array(g)})
+    tx = torch.tensor(xv, requires_grad=True)
+    ty = torch.where(tx > 1.0, tx, torch.zeros(()).double())
+    (tg,) = torch.autograd.grad((ty * torch.tensor(g)).sum(), [tx])
+    np.testing.assert_allclose(_np(b, out["out"]), ty.detach().numpy(), rtol=0)
+    np.testing.assert_allclose(_np(b, grads["x"]), tg.numpy(), rtol=0)

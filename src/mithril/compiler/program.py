@@ -316,6 +316,7 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         prog.param_shapes[key] = tuple(int(d) for d in b.shapes[w])
         prog.param_init[key] = "normal"
 
+    _check_int_fed(nodes, b.names)
     consumers: dict[int, list[tuple[Node, str]]] = {}
     for node in nodes:
         for k, w in node.ins.items():
@@ -460,6 +461,21 @@ def _check_float_trainable(model: Model | Operator, key: str, w: int, nodes: lis
         what = f"feeds the integer input(s) {ints}" if ints else f"is declared {type_name(kinds)}"
         raise TypeError(f"compile(trainable_keys=...): '{key}' {what}; only a float input is "
                         "trainable (gets a gradient), as torch's requires_grad")
+
+
+def _check_int_fed(nodes: list[Node], names: list[str]) -> None:
+    """A comparison's bool output fed to an integer input (``x[x > 0]``: an index the model
+    computes; an ``Embedding`` index) is a ``TypeError`` naming both, not the backend's
+    error at the first run (a mask selects as many elements as its values say: no shape)."""
+    bools = {n.out: n for n in nodes if getattr(n.op, "output_dtype", None) == "bool"}
+    for node in nodes:
+        for k, w in node.ins.items():
+            if k in node.op.int_inputs and w in bools:
+                raise TypeError(
+                    f"{node.path}.{k} ({type(node.op).__name__}) takes integer indices, but "
+                    f"'{names[w]}' is the bool output of {bools[w].path}: a mask the model "
+                    "computes selects a number of elements known only from its values, which "
+                    "a compiled program cannot shape; Where(cond, x, 0) keeps the shape")
 
 
 def _prune(nodes: list[Node], outputs: Mapping[str, int]) -> tuple[list[Node], set[int]]:
