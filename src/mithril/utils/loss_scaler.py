@@ -57,6 +57,11 @@ _ARGS = ("init_scale", "growth_factor", "backoff_factor",
 _Fields = tuple[np.float32, float, float, int, bool, int, np.float32]
 
 
+def _item(v: Any) -> Any:
+    """A 0-d NumPy / torch / JAX array as its Python number (checked as one); else ``v``."""
+    return v.item() if getattr(v, "ndim", None) == 0 and hasattr(v, "item") else v
+
+
 class LossScaler:
     """Loss scale bookkeeping with ``torch.amp.GradScaler`` semantics.
 
@@ -245,7 +250,8 @@ class LossScaler:
         ``min_scale`` too: 0).
         The tracker may come as ``growth_tracker`` (older checkpoints), torch's
         ``_growth_tracker`` (``GradScaler.state_dict()``) or both (ours now): each given one
-        is checked on its own, and two must agree."""
+        is checked on its own, and two must agree. A field may be a 0-d array or tensor (a
+        dict saved with ``np.savez`` or ``torch.save`` of tensors, torch's tracker tensor)."""
         if not isinstance(d, Mapping):
             raise TypeError(f"{where} must be a dict, got {type(d).__name__}")
         missing = [k for k in cls._KEYS if k not in d
@@ -259,7 +265,7 @@ class LossScaler:
             if key in d:
                 names = (*cls._KEYS[:5], key, "min_scale")
                 parsed.append(cls._checked(
-                    *(d[k] if k in d else cls._DEFAULTS[k] for k in names),
+                    *(_item(d[k]) if k in d else cls._DEFAULTS[k] for k in names),
                     names=tuple(f"{where} '{k}'" for k in names)))
         if len(parsed) == 2 and parsed[0][5] != parsed[1][5]:
             raise ValueError(f"{where} has both 'growth_tracker' = {parsed[0][5]} and torch's "
