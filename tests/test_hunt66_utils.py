@@ -187,3 +187,26 @@ def test_traced_tensorwise_averages_follow_each_group(kind):
         for t, (g, w) in enumerate(zip(got, rows, strict=True), 1):
             np.testing.assert_allclose(g[a][k], w[k], rtol=1e-13, atol=1e-14,
                                        err_msg=f"{kind} {a} {k} step {t}")
+
+
+def test_update_ratios_of_a_snapshot_in_another_library():
+    """``before`` copied to NumPy (``{k: np.array(v)}``, or a torch tensor, a JAX array)
+    against ``after`` of another library: the torch path called ``.detach()`` on a NumPy /
+    JAX ``before`` (AttributeError) and the JAX path took torch tensors into its jitted
+    norm. Now every pairing gives torch's ``(a − b).norm() / b.norm()``."""
+    import jax.numpy as jnp
+
+    from mithril.utils.monitoring import TrainingMonitor, update_ratios
+
+    rng = np.random.default_rng(5)
+    b0, a0 = rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
+    want = float((torch.tensor(a0) - torch.tensor(b0)).norm() / torch.tensor(b0).norm())
+    make = {"numpy": np.array, "torch": torch.tensor, "jax": jnp.asarray}
+    for kb, mb in make.items():
+        for ka, ma in make.items():
+            got = update_ratios({"w": mb(b0)}, {"w": ma(a0)})
+            assert got["w"] == pytest.approx(want, rel=1e-12), (kb, ka)
+    monitor = TrainingMonitor()
+    monitor.before_update({"w": np.array(b0)})
+    assert monitor.after_update({"w": torch.tensor(a0)})["update_ratios"]["w"] == \
+        pytest.approx(want, rel=1e-12)

@@ -88,10 +88,18 @@ def _norm_list(arrays: list[Any]) -> list[float]:
     return out
 
 
+def _hosted(arrays: list[Any]) -> list[np.ndarray]:
+    """float64 NumPy copies of ``arrays`` (torch tensors detached, from any device)."""
+    return [x.detach().cpu().double().numpy() if _module(x) == "torch"
+            else np.asarray(x, dtype=np.float64) for x in arrays]
+
+
 def _diff_norm_list(before: list[Any], after: list[Any]) -> list[float]:
     if not before:
         return []
     x0 = after[0]
+    if any(_module(x) != _module(x0) for x in (*before, *after)):  # (a snapshot of another
+        before, after, x0 = _hosted(before), _hosted(after), None  # library: on the host)
     if _module(x0) == "torch":
         import torch
 
