@@ -128,3 +128,32 @@ def test_a_mask_the_model_computes_is_refused_as_an_index(make):
     (tg,) = torch.autograd.grad((ty * torch.tensor(g)).sum(), [tx])
     np.testing.assert_allclose(_np(b, out["out"]), ty.detach().numpy(), rtol=0)
     np.testing.assert_allclose(_np(b, grads["x"]), tg.numpy(), rtol=0)
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_an_output_gradient_of_none_or_a_bool_is_refused(make):
+    # {"loss": None} for a scalar output was read as NaN (np.asarray(None, float64)): every
+    # gradient NaN, no error; {"loss": True} was a cotangent of 1.0; a string for the whole
+    # output_gradients was an AttributeError ('str' object has no attribute 'keys')
+    from mithril.models import Mean
+
+    b = make()
+    m = Model()
+    m |= Linear(2).connect(input="x", output="y")
+    m |= Mean().connect(input="y", output="loss")
+    c = ml.compile(m, b, shapes={"x": [3, 4]})
+    params = c.randomize_params()
+    x = np.random.default_rng(4).standard_normal((3, 4))
+    data = {"x": b.array(x)}
+    for bad in (None, True):
+        with pytest.raises(TypeError, match=f"output gradient 'loss': expected an array or a number, got {bad}"):
+            c.evaluate(params, data, output_gradients={"loss": bad})
+    with pytest.raises(TypeError, match="must be a dict of output cotangents"):
+        c.evaluate(params, data, output_gradients="loss")
+    _, grads = c.evaluate(params, data, output_gradients={"loss": 2.0})
+    tw = torch.tensor(_np(b, params["linear.weight"]), requires_grad=True)
+    tb = torch.tensor(_np(b, params["linear.bias"]), requires_grad=True)
+    loss = F.linear(torch.tensor(x), tw, tb).mean()
+    gw, gb = torch.autograd.grad(loss, [tw, tb], grad_outputs=torch.tensor(2.0, dtype=torch.float64))
+    np.testing.assert_allclose(_np(b, grads["linear.weight"]), gw.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(_np(b, grads["linear.bias"]), gb.numpy(), rtol=1e-12)

@@ -439,6 +439,9 @@ class CompiledModel(SteadyCallsMixin, ConcreteChecksMixin, OutputGradientsMixin)
             output_gradients = {self.scalar_output(): 1.0}
         elif output_gradients is False:
             output_gradients = None
+        elif output_gradients is not None and not isinstance(output_gradients, Mapping):
+            raise TypeError("evaluate(output_gradients=...) must be a dict of output cotangents "
+                            f"keyed by output name, or True, got {type(output_gradients).__name__}")
         params, inputs, prog, out_shapes = self._prepare(
             {} if params is None else params, {} if inputs is None else inputs, partial=True)
         if output_gradients is not None and prog is not self.program:

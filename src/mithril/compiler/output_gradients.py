@@ -124,6 +124,10 @@ class OutputGradientsMixin:
         _check_keys(output_gradients, self.program.outputs, "output_gradients", allow_missing=True)
         cots = {}
         for k, g in output_gradients.items():
+            if g is None or isinstance(g, (bool, np.bool_, str, bytes)):  # (None read as NaN)
+                raise TypeError(f"output gradient '{k}': expected an array or a number, got "
+                                f"{g!r}; leave the output out of output_gradients for a zero "
+                                "cotangent")
             pattern = self.program.output_shape(k)
             if not self.backend.is_native(g) and np.ndim(g) == 0 and pattern in ((), None):
                 # a Python or NumPy number (a native one may live on a GPU: kept as it is)
