@@ -46,3 +46,45 @@ def test_loss_scaler_state_array_of_wrong_kind_is_refused_and_changes_nothing():
     with pytest.raises(TypeError, match="growth_interval"):
         s.load_state_dict(bad)
     assert s.state_dict() == before
+
+
+_KERAS_EMPTY = r"""
+import json, os
+os.environ["KERAS_BACKEND"] = "jax"
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np, keras
+keras.config.set_floatx("float64")
+rng = np.random.default_rng(0)
+p0 = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+gs = [{k: rng.standard_normal(v.shape) for k, v in p0.items()} for _ in range(5)]
+opt = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5)
+opt.exclude_from_weight_decay(var_names=[])
+vs = [keras.Variable(p0[k], name=k) for k in ("w", "b")]
+opt.build(vs)
+for g in gs:
+    opt.apply([g["w"], g["b"]], vs)
+print(json.dumps([np.asarray(v.value).tolist() for v in vs]))
+"""
+
+
+def test_exclude_from_weight_decay_var_names_empty_excludes_nothing_as_keras():
+    import json
+
+    from conftest import run_python
+
+    import mithril.utils.optimizers as mo
+
+    ref = json.loads(run_python(_KERAS_EMPTY, timeout=300).strip().splitlines()[-1])
+    rng = np.random.default_rng(0)
+    p = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+    gs = [{k: rng.standard_normal(v.shape) for k, v in p.items()} for _ in range(5)]
+    opt = mo.AdamW(learning_rate=0.1, weight_decay=0.5, epsilon=1e-7, convention="keras")
+    opt.exclude_from_weight_decay(var_names=[])  # (was 'needs names=, regex= or var_names=')
+    state = opt.init(p)
+    for g in gs:
+        p, state = opt.update(p, g, state)
+    np.testing.assert_allclose(p["w"], ref[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(p["b"], ref[1], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="needs names="):
+        opt.exclude_from_weight_decay()

@@ -430,7 +430,7 @@ class GroupsMixin:
             if isinstance(var_names, str) or not all(isinstance(v, str) for v in var_names):
                 raise TypeError("exclude_from_weight_decay: var_names must be a list of strings")
             var_names = "|".join(var_names) if var_names else None  # (Keras' own pattern)
-        if names is None and regex is None and var_names is None:
+        elif names is None and regex is None:  # (var_names=[] excludes nothing, as Keras)
             raise ValueError("exclude_from_weight_decay needs names=, regex= or var_names=")
         new = [x for x in (names, regex, var_names) if x is not None]
         for x in new:
