@@ -157,3 +157,30 @@ def test_an_output_gradient_of_none_or_a_bool_is_refused(make):
     gw, gb = torch.autograd.grad(loss, [tw, tb], grad_outputs=torch.tensor(2.0, dtype=torch.float64))
     np.testing.assert_allclose(_np(b, grads["linear.weight"]), gw.numpy(), rtol=1e-12)
     np.testing.assert_allclose(_np(b, grads["linear.bias"]), gb.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_a_shared_weight_against_an_input_of_another_free_width(make):
+    # a weight shared by name (connect(weight="w") twice) whose second input's width is free:
+    # an input of another width reached the backend's matmul error; torch's F.linear refuses
+    # it too, and sharing with inputs of the one width gives torch's summed gradient
+    b = make()
+    m = Model()
+    m |= Linear(3).connect(input="x", weight="w", output="a")
+    m |= Linear(3).connect(input="z", weight="w", output="b")
+    c = ml.compile(m, b, shapes={"x": [2, 4], "z": [None, None]})
+    params = c.randomize_params()
+    rng = np.random.default_rng(5)
+    x, z = rng.standard_normal((2, 4)), rng.standard_normal((5, 4))
+    ga, gb = rng.standard_normal((2, 3)), rng.standard_normal((5, 3))
+    _, grads = c.evaluate(params, {"x": b.array(x), "z": b.array(z)},
+                          output_gradients={"a": b.array(ga), "b": b.array(gb)})
+    tw = torch.tensor(_np(b, params["w"]), requires_grad=True)
+    s = (F.linear(torch.tensor(x), tw) * torch.tensor(ga)).sum() + \
+        (F.linear(torch.tensor(z), tw) * torch.tensor(gb)).sum()
+    (tg,) = torch.autograd.grad(s, [tw])
+    np.testing.assert_allclose(_np(b, grads["w"]), tg.numpy(), rtol=1e-12)
+    with pytest.raises(RuntimeError):
+        F.linear(torch.ones(5, 6, dtype=torch.float64), tw)
+    with pytest.raises(ml.ShapeError, match=r"linear_1 \(Linear\).*'w' has shape \[3, 4\]"):
+        c.evaluate(params, {"x": b.array(x), "z": b.ones(5, 6)})
