@@ -210,3 +210,35 @@ def test_update_ratios_of_a_snapshot_in_another_library():
     monitor.before_update({"w": np.array(b0)})
     assert monitor.after_update({"w": torch.tensor(a0)})["update_ratios"]["w"] == \
         pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_hessian_of_an_output_of_unknown_shape_checks_it_for_the_inputs(name):
+    """A loss whose shape the compiler could not tell (no input shapes given) and that is
+    not a scalar for the inputs given went to each backend's own error (NumPy's output
+    gradient shape, torch's ``grad can be implicitly created only for scalar outputs``,
+    JAX's ``Gradient only defined for scalar-output functions``): now one ShapeError
+    naming it, as torch's ``hvp`` refuses it; a scalar one is torch's ``hvp``."""
+    be = BACKENDS[name](dtype="float64")
+    model = ml.Model()
+    model |= ml.Multiply()(left="input", right=ml.IOKey("w", differentiable=True), output="y")
+    model |= ml.Multiply()(left="y", right="y", output=ml.IOKey("out"))
+    model |= ml.Sum()(input="out", output=ml.IOKey("loss"))
+    c = ml.compile(model, be, shapes={"w": [3]})
+    assert c.program.output_shape("out") is None
+    rng = np.random.default_rng(2)
+    w0, x, v0 = rng.standard_normal(3), rng.standard_normal((2, 3)), rng.standard_normal(3)
+    params, data, vec = {"w": be.array(w0)}, {"input": be.array(x)}, {"w": be.array(v0)}
+    with pytest.raises(RuntimeError, match="single element"):
+        torch.autograd.functional.hvp(lambda w: (torch.tensor(x) * w) ** 2, torch.tensor(w0),
+                                      torch.tensor(v0))
+    for fn in (lambda: hessian_vector_product(c, params, data, vec, loss="out"),
+               lambda: hutchinson_diagonal(c, params, data, 0, loss="out")):
+        with pytest.raises(ShapeError, match=r"the loss 'out' must be a scalar output, it "
+                                             r"has shape \(2, 3\) for these inputs"):
+            fn()
+    _, want = torch.autograd.functional.hvp(lambda w: ((torch.tensor(x) * w) ** 2).sum(),
+                                            torch.tensor(w0), torch.tensor(v0))
+    got = hessian_vector_product(c, params, data, vec, loss="loss")["w"]
+    np.testing.assert_allclose(_host(got), want.numpy(), rtol=1e-8 if name == "numpy" else 1e-14)
+    assert c.step == 0

@@ -122,17 +122,22 @@ def _prepared(compiled: Any, params: Any, data: Any, loss: str | None, who: str
                                f"(outputs: {sorted(outs)})")
     else:
         key = loss
+    hint = "" if loss is not None else " (name a scalar output with loss=)"
     shape = prog.output_shape(key)
     if shape is not None and tuple(shape) != ():
         raise ShapeError(f"{who}: the loss {key!r} must be a scalar output, it has shape "
-                         f"{tuple(shape)}" + ("" if loss is not None else
-                                              " (name a scalar output with loss=)"))
+                         f"{tuple(shape)}{hint}")
     if prog.has_context:
         raise TypeError(f"{who}: the model has random or state-keeping operators (Dropout, "
                         f"BatchNorm): its loss is not a function of the parameters alone")
     if not isinstance(params, Mapping) or not isinstance(data, Mapping):
         raise TypeError(f"{who}: params and data must be dicts keyed by name")
     ps, ins, used, _ = compiled._prepare(params, data, partial=False)
+    if shape is None:  # (unknown when compiled: its shape for these inputs, before a run)
+        got = compiled._check_concrete(ins).get(key)
+        if got is not None and tuple(got) != ():
+            raise ShapeError(f"{who}: the loss {key!r} must be a scalar output, it has shape "
+                             f"{tuple(got)} for these inputs{hint}")
     return key, ps, ins, compiled._evaluator_of(used)
 
 
