@@ -242,3 +242,35 @@ def test_hessian_of_an_output_of_unknown_shape_checks_it_for_the_inputs(name):
     got = hessian_vector_product(c, params, data, vec, loss="loss")["w"]
     np.testing.assert_allclose(_host(got), want.numpy(), rtol=1e-8 if name == "numpy" else 1e-14)
     assert c.step == 0
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_per_example_gradients_of_an_output_of_unknown_shape(name):
+    """``per_example_gradients`` of a loss whose shape the compiler could not tell and that
+    is not a scalar: NumPy returned the gradient of its sum (silently), torch and JAX raised
+    their autograd's errors; now one ShapeError naming it (torch.func.grad refuses it too),
+    and a scalar one is ``torch.func.vmap(torch.func.grad(...))``."""
+    from torch.func import grad, vmap
+
+    from mithril.utils.per_example import per_example_gradients
+
+    be = BACKENDS[name](dtype="float64")
+    model = ml.Model()
+    model |= ml.Multiply()(left="input", right=ml.IOKey("w", differentiable=True), output="y")
+    model |= ml.Multiply()(left="y", right="y", output=ml.IOKey("out"))
+    model |= ml.Sum()(input="out", output=ml.IOKey("loss"))
+    c = ml.compile(model, be, shapes={"w": [3]})
+    rng = np.random.default_rng(4)
+    w0, x = rng.standard_normal(3), rng.standard_normal((4, 3))
+    params, data = {"w": be.array(w0)}, {"input": be.array(x)}
+    with pytest.raises(RuntimeError, match="scalar"):
+        vmap(grad(lambda w, xi: (xi[None] * w) ** 2), in_dims=(None, 0))(
+            torch.tensor(w0), torch.tensor(x))
+    with pytest.raises(ShapeError, match=r"per_example_gradients: the loss 'out' must be a "
+                                         r"scalar output, it has shape \(1, 3\)"):
+        per_example_gradients(c, params, data, "out")
+    want = vmap(grad(lambda w, xi: ((xi[None] * w) ** 2).sum()), in_dims=(None, 0))(
+        torch.tensor(w0), torch.tensor(x))
+    got = per_example_gradients(c, params, data, "loss")["w"]
+    np.testing.assert_allclose(_host(got), want.numpy(), rtol=1e-14)
+    assert c.step == 0

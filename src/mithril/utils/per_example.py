@@ -77,11 +77,15 @@ def _checked(compiled: Any, params: Mapping[str, Any], data: Mapping[str, Any], 
     seen = _ONE_FITS.setdefault(compiled, set())
     if sig not in seen:
         try:
-            compiled._check_concrete({**ins, **{k: ins[k][:1] for k in batched}})
+            outs = compiled._check_concrete({**ins, **{k: ins[k][:1] for k in batched}})
         except ShapeError as e:
             raise ShapeError(f"per_example_gradients: the model does not run on a batch of "
                              f"one example (compile it with shapes whose batch dimension is "
                              f"None): {e}") from None
+        got = outs.get(loss)  # (a shape unknown when compiled: NumPy summed a non-scalar)
+        if got is not None and tuple(got) != ():
+            raise ShapeError(f"per_example_gradients: the loss {loss!r} must be a scalar "
+                             f"output, it has shape {tuple(got)} for one example")
         seen.add(sig)
     return ps, ins, b, compiled._cotangents({loss: 1.0})
 
