@@ -75,7 +75,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from ..errors import KeyMismatchError
 from ..utils.optimizers import Optimizer
@@ -113,7 +113,14 @@ def _flat(tree: Any, where: str) -> dict[str, Any]:
     if not isinstance(tree, (dict, list, tuple)):
         raise TypeError(f"{where} must be a tree (dict / list) of mx.array, got "
                         f"{type(tree).__name__}")
-    return dict(tree_flatten(tree))
+    pairs = tree_flatten(tree)
+    flat = dict(pairs)
+    if len(flat) != len(pairs):  # ({"a.b": x, "a": {"b": y}}: one name for two leaves)
+        seen: set[str] = set()
+        twice = sorted({n for n, _ in pairs if n in seen or seen.add(n)})
+        raise KeyMismatchError(f"{where} names {twice} twice (a key with a '.' and a "
+                               f"subtree of the same dotted path)")
+    return flat
 
 
 def _number(x: Any, what: str) -> Any:
@@ -286,7 +293,12 @@ class MlxOptimizer(optim.Optimizer):
         self._peak = max(self._peak, lr)
         # (copies: mithril overwrites its buffer at the next step)
         self._returned = {n: mx.array(new[n], dtype=params_mx[n].dtype) for n in out_names}
-        return tree_unflatten(list(self._returned.items())) if out_names else {}
+        if gradients is None:
+            return tree_unflatten(list(self._returned.items())) if out_names else {}
+        # (the gradients' very structure, as MLX's tree_map: tuples stay tuples, a dict with
+        # keys "0", "1" stays a dict)
+        tree = gradients.parameters() if isinstance(gradients, nn.Module) else gradients
+        return tree_map_with_path(lambda n, _: self._returned[n], tree)
 
     # -- the optimizer's other parameter sets, as MLX trees -------------------------------
     def ema_params(self) -> Any:
