@@ -275,7 +275,8 @@ class CTCLoss(Operator):
             return nll.sum()
         return (nll / xp.maximum(tl, 1).astype(nll.dtype)).mean()
 
-    @float32_forward  # (the recursions: torch.autocast's float32 op)
+    @float32_forward(on_torch=True)  # (the recursions: torch.autocast's float32 op; torch
+    # has no CPU half ctc_loss)
     def forward(self, xp: Any, log_probs: Any, targets: Any, input_lengths: Any,
                 target_lengths: Any) -> Any:
         F = functional_of(xp)

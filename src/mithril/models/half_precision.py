@@ -11,7 +11,13 @@ copies of the float arrays and round its output (or gradients) to the input's dt
 A loss of an elementwise term (squared error, Huber) keeps the term in the input dtype and
 takes only its mean or sum in float32 (:func:`accumulate`), as torch's ``mse_loss`` does.
 Other dtypes pass through untouched (float32 and float64 results are bitwise as before),
-and so does the torch backend, whose forwards are torch's own kernels.
+and so does the torch backend, whose forwards are torch's own kernels, except where an
+operator asks for it (``float32_forward(on_torch=...)``): torch has no CPU float16 /
+bfloat16 kernel for ``ctc_loss``, ``multi_margin_loss``, ``multilabel_margin_loss`` or
+``avg_pool3d``, and some half kernels overflow (``cosine_embedding_loss``'s |a|², a
+label-smoothed ``cross_entropy``'s sum over the classes); ``torch.autocast`` runs these in
+float32, and so does such an operator, its gradients (autograd's, through the casts)
+rounded once to the input's dtype too.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ HALF = frozenset({np.dtype(np.float16), *_BF16})
 def is_half(x: Any) -> bool:
     """Whether ``x`` is a float16 / bfloat16 NumPy or JAX array (or scalar)."""
     return getattr(x, "dtype", None) in HALF
+
+
+def _torch_half(x: Any) -> bool:
+    """Whether ``x`` is a float16 / bfloat16 torch tensor."""
+    return str(getattr(x, "dtype", "")) in ("torch.float16", "torch.bfloat16")
 
 
 def widen(x: Any) -> Any:
@@ -68,23 +79,29 @@ def _widens(op: Any, x: Any) -> bool:
     """Whether ``op`` computes with a float32 copy of ``x``: a half-precision ``x``, unless
     the operator's ``half_in_float32`` property says no (a cutoff that is the input dtype's
     own). (Looked up on the class: a missing instance attribute runs Operator.__getattr__.)"""
-    if getattr(x, "dtype", None) not in HALF:
+    if not _torch_half(x) and getattr(x, "dtype", None) not in HALF:
         return False
     hook = getattr(type(op), "half_in_float32", None)
     return hook is None or bool(hook.fget(op))
 
 
-def float32_forward(method: Callable[..., Any]) -> Callable[..., Any]:
+def float32_forward(method: Callable[..., Any] | None = None, *,
+                    on_torch: bool | Callable[[Any], bool] = False) -> Any:
     """Wrap an operator's ``forward`` / ``forward_residuals`` (``(self, xp, **arrays)``):
     with a half-precision first input on NumPy or JAX, every half array argument is taken
     in float32 and the output rounded to the input's dtype (``forward_residuals``: the
-    output only; its residuals stay float32 for :func:`float32_vjp`)."""
+    output only; its residuals stay float32 for :func:`float32_vjp`). On torch only with
+    ``@float32_forward(on_torch=True)`` (or a predicate of the operator): torch's own kernel
+    then runs on float32 copies and autograd rounds the gradients through the casts."""
+    if method is None:
+        return functools.partial(float32_forward, on_torch=on_torch)
     residuals = method.__name__ == "forward_residuals"
 
     @functools.wraps(method)
     def wrapper(self: Any, xp: Any, *args: Any, **kwargs: Any) -> Any:
         first = args[0] if args else kwargs.get(self.inputs[0])
-        if not _widens(self, first) or backend_of(xp) == "torch":
+        if not _widens(self, first) or (backend_of(xp) == "torch" and not (
+                on_torch(self) if callable(on_torch) else on_torch)):
             return method(self, xp, *args, **kwargs)
         out = method(self, xp, *map(widen, args), **{k: widen(v) for k, v in kwargs.items()})
         if residuals:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .activations import _number
+from .half_precision import float32_forward, float32_vjp
 from .operator import Operator, ShapeError, fmt, functional_of
 
 
@@ -55,12 +56,16 @@ class LocalResponseNorm(Operator):
         s = _window_sum(xp, x * x, self.size // 2, (self.size - 1) // 2)
         return self.k + self.alpha / self.size * s
 
+    # (Σ x² in float32, rounded once: 300² passes float16's 65504; torch's kernel too, and
+    # it pools 4-D and 5-D inputs with avg_pool3d, which has no CPU half kernel)
+    @float32_forward(on_torch=True)
     def forward(self, xp: Any, input: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
             return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
         return input / self._base(xp, input) ** self.beta
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x = args["input"]
         d = self._base(np, x)

@@ -360,7 +360,9 @@ class CrossEntropy(Operator):
             return False
         return dt.itemsize > 1 or "int" in str(dt)  # of the 1-byte ones int8/uint8, not bool
 
-    @float32_forward
+    # (on torch too with options: F.cross_entropy's float16 label smoothing sums -logp over
+    # the classes into inf past 65504; torch.autocast runs cross_entropy in float32)
+    @float32_forward(on_torch=lambda op: op._options is not None)
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         _, input, target = self._moved(xp, input, target)
         if self._options is not None:

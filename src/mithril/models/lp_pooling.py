@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ShapeError
+from .half_precision import float32_forward, float32_vjp
 from .operator import Operator, functional_of
 from .pooling import AvgPool1D, AvgPool2D, AvgPool3D
 
@@ -45,6 +46,9 @@ class _LPPool(Operator):
         except ShapeError as e:
             raise ShapeError(str(e).replace(type(self.avg).__name__, type(self).__name__)) from None
 
+    # (x^p, its window sums and the root in float32, rounded once: 3·3 values of 100 squared
+    # pass float16's 65504, torch's kernel too; torch's lp_pool3d has no CPU half avg_pool3d)
+    @float32_forward(on_torch=True)
     def forward(self, xp: Any, input: Any) -> Any:
         F = functional_of(xp)
         p = self.norm_type
@@ -58,6 +62,7 @@ class _LPPool(Operator):
             root = (xp.where(nz, s, 1.0) * math.prod(self.kernel_size)) ** (1 / p)
         return xp.where(nz, root, 0.0)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         x, p, k = args["input"], self.norm_type, math.prod(self.kernel_size)
         xp_ = x ** p

@@ -210,7 +210,8 @@ class CosineEmbeddingLoss(_MarginLoss):
         den = xp.sqrt(m1 * m2)
         return xp.sum(a * b, axis=-1) / den, m1, m2, den
 
-    @float32_forward  # (torch.autocast's float32 op: |a|² of 1024 values of 10 passes 65504)
+    @float32_forward(on_torch=True)  # (torch.autocast's float32 op: |a|² of 1024 values of
+    # 10 passes 65504, torch's float16 kernel too)
     def forward(self, xp: Any, input1: Any, input2: Any, target: Any) -> Any:
         F = functional_of(xp)
         if F is not None:

@@ -135,7 +135,8 @@ class MultiMarginLoss(_ClassIndexLoss):
         z = self.margin - xp.take_along_axis(x, ti, axis=-1) + x
         return z, xp.arange(x.shape[-1]) != ti
 
-    @float32_forward  # (the sum over the classes; torch.autocast's float32 op)
+    @float32_forward(on_torch=True)  # (the sum over the classes; torch.autocast's float32
+    # op; torch has no CPU half multi_margin_loss)
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         F = functional_of(xp)
         w = None if self.weight is None else _weight_like(xp, self.weight, input)
@@ -208,7 +209,7 @@ class MultiLabelMarginLoss(_ClassIndexLoss):
         counts = listed[..., :, None] & ~xp.any(onehot, axis=-2)[..., None, :]
         return z, counts & (z > 0), onehot
 
-    @float32_forward  # (torch.autocast's float32 op)
+    @float32_forward(on_torch=True)  # (torch.autocast's float32 op; no CPU half kernel)
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
         F = functional_of(xp)
         if F is not None:
