@@ -51,7 +51,10 @@ class Mechanize(OuterWrapper):
     missed step, as :func:`~mithril.utils.training.make_train_step` does); ``x0`` holds every
     parameter's value at the first step. The base optimizer's state, learning rate (schedulers drive it), parameter
     groups, weight decay and ``nonfinite`` are its own; a step it skips (``nonfinite="skip"``)
-    is skipped here too (params and Mechanic's scalars unchanged). The state is the base
+    is skipped here too (params and Mechanic's scalars unchanged). Its EMA / SWA
+    (``ema_decay``, ``swa_start``) average its own iterate ``x + u``, not the ``x0 + s·Δ``
+    returned here (as under ScheduleFree): average the returned params yourself (e.g. a
+    ``torch.optim.swa_utils.AveragedModel`` of them) for the wrapper's. The state is the base
     optimizer's (under ``"Mechanize"``) with Mechanic's added: the slot ``"mechanic_x0"``
     and the values ``"mechanic_count"``, ``"mechanic_r0"`` … ``"mechanic_s{k-1}"``
     (:meth:`vectors` reads ``r``, ``m``, ``v``, ``s``), which ``state_dict``, checkpoints and
