@@ -667,3 +667,19 @@ def test_mlx_optimizer_refuses_two_leaves_of_one_name():
         opt.apply_gradients(tree, tree)
     assert opt.state["step"].item() == 1
     assert all(np.array_equal(opt.mithril_state.slots[k], slots[k]) for k in slots)
+
+
+RANKS = {"tall3": (6, 4, 2), "conv": (8, 2, 3, 3), "tall": (5, 3), "col": (4, 1),
+         "row": (1, 4), "unit": (1, 1), "one": (1,), "s": ()}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("case", ["muon", "adafactor_first_moment_clip",
+                                  "adafactor_unscaled_warmup_wd"])
+def test_every_rank_as_mlx(backend, case):
+    """MLX's Muon orthogonalises ``U.reshape(shape[0], -1)`` (transposed when tall) with
+    the rate scaled by the original last two axes; its Adafactor factors the last two axes
+    of any tensor of 2+ axes: tall 3-D, 4-D, a column, a row, 1×1, size-1 and 0-d."""
+    ours, ref = CASES[case]
+    p0, grads = problem(shapes=RANKS)
+    assert worst(run_ours(ours(), p0, grads, backend), run_ref(ref(), p0, grads)) <= TOL
