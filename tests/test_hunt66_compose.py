@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
-from mithril.models import Linear, Model
+from mithril.models import IOKey, Linear, Model
 
 BACKENDS = [pytest.param(lambda: NumpyBackend(dtype="float64"), id="numpy"),
             pytest.param(lambda: TorchBackend(dtype="float64"), id="torch"),
@@ -72,7 +72,7 @@ def test_a_trainable_key_feeding_an_integer_input_is_refused_at_compile(make):
     # trainable_keys=["idx"] on an Embedding index compiled, drew float "indices" and then
     # ran garbage (torch indexed by truncated floats) or failed inside the backend; torch
     # refuses requires_grad on an integer tensor, as set_differentiability(idx=True) is here
-    from mithril.models import Buffer, Embedding, IOKey
+    from mithril.models import Buffer, Embedding
 
     with pytest.raises(RuntimeError, match="floating point"):
         torch.tensor([0, 1, 4]).requires_grad_()
@@ -102,7 +102,7 @@ def test_a_mask_the_model_computes_is_refused_as_an_index(make):
     # indexed rows 0 and 1 (the mask cast to int64: silently not torch's x[mask]), NumPy
     # and JAX raised an IndexError; torch's x[mask] selects as many elements as
     # the mask holds, a shape a compiled program cannot know
-    from mithril.models import Buffer, Embedding, IOKey, Where
+    from mithril.models import Buffer, Embedding, Where
 
     b = make()
     xv = np.array([[0.5, 2.0, 1.5, -1.0], [3.0, 0.0, 1.0, 1.2], [0.1, 0.2, 0.3, 4.0]])
@@ -184,3 +184,37 @@ def test_a_shared_weight_against_an_input_of_another_free_width(make):
         F.linear(torch.ones(5, 6, dtype=torch.float64), tw)
     with pytest.raises(ml.ShapeError, match=r"linear_1 \(Linear\).*'w' has shape \[3, 4\]"):
         c.evaluate(params, {"x": b.array(x), "z": b.ones(5, 6)})
+
+
+FLOAT32 = [pytest.param(lambda: NumpyBackend(dtype="float32"), id="numpy"),
+           pytest.param(lambda: TorchBackend(dtype="float32"), id="torch"),
+           pytest.param(lambda: JaxBackend(dtype="float32"), id="jax")]
+
+
+@pytest.mark.parametrize("make", FLOAT32)
+def test_an_input_reshaped_into_a_linear_takes_the_float_input_rule(make):
+    # an input read first by a block that moves elements (Reshape, Buffer, an indexer) was
+    # taken in any dtype: a torch float64 tensor reached torch's matmul ("mat1 and mat2 must
+    # have the same dtype, but got Double and Float"), int64 and float16 data were cast
+    # silently on NumPy and JAX and refused by torch's matmul; fed to the Linear directly
+    # they are cast (float64) or refused by name (float16, int64) on every backend
+    b = make()
+    m = Model()
+    m |= Linear(2).connect(input=IOKey("x").reshape((2, 3)), output="y")
+    c = ml.compile(m, b, shapes={"x": [6]}, trainable_keys=[])
+    params = c.randomize_params()
+    x = np.arange(6.0) / 7
+    for given in (x, torch.tensor(x), x.astype(np.float32)):
+        out, grads = c.evaluate(params, {"x": given}, output_gradients={"y": b.ones(2, 2)})
+        tw = torch.tensor(_np(b, params["linear.weight"]), requires_grad=True)
+        ty = F.linear(torch.tensor(x, dtype=torch.float32).reshape(2, 3), tw,
+                      torch.tensor(_np(b, params["linear.bias"])))
+        (tg,) = torch.autograd.grad(ty.sum(), [tw])
+        assert str(out["y"].dtype).removeprefix("torch.") == "float32"
+        np.testing.assert_allclose(_np(b, out["y"]), ty.detach().numpy(), rtol=1e-6)
+        np.testing.assert_allclose(_np(b, grads["linear.weight"]), tg.numpy(), rtol=1e-6)
+    for bad, name in ((x.astype(np.float16), "float16"), (torch.ones(6, dtype=torch.float16), "float16"),
+                      (np.arange(6), "int64")):
+        with pytest.raises(ml.DTypeError, match=f"input 'x': expected dtype float32, got {name}"):
+            c.evaluate(params, {"x": bad})
+

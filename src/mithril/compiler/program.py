@@ -326,6 +326,8 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
                  for n, k in consumers.get(w, [])}
         if len(kinds - {"any"}) > 1:
             raise TypeError(f"input '{name}' feeds both integer and float inputs")
+        if kinds == {"any"}:  # (only blocks that move elements: what their outputs feed)
+            kinds = _moved_to(w, consumers)
         prog.input_kinds[name] = next(iter(kinds - {"any"}), "any" if kinds else "float")
 
     differentiable: set[int] = set(prog.param_wires.values()) | set(wire_params)  # depend on a parameter
@@ -461,6 +463,23 @@ def _check_float_trainable(model: Model | Operator, key: str, w: int, nodes: lis
         what = f"feeds the integer input(s) {ints}" if ints else f"is declared {type_name(kinds)}"
         raise TypeError(f"compile(trainable_keys=...): '{key}' {what}; only a float input is "
                         "trainable (gets a gradient), as torch's requires_grad")
+
+
+def _moved_to(w: int, consumers: Mapping[int, list[tuple[Node, str]]]) -> set[str]:
+    """The kinds of the inputs that wire ``w`` reaches through blocks that move its elements
+    (``Buffer``, ``Reshape``, an indexer: their output keeps its dtype, see ``output_dtypes``):
+    ``{"float"}`` for an input reshaped into a ``Linear``, so its data takes the float rule
+    on every backend; ``{"any"}`` where it reaches no such input, or inputs of both kinds."""
+    from ..models.primitives import Cast
+
+    kinds: set[str] = set()
+    for n, k in consumers.get(w, []):
+        if k in n.op.int_inputs or k not in n.op.any_dtype_inputs:
+            kinds.add("int" if k in n.op.int_inputs else "float")
+        elif (k == "input" and tuple(n.op.inputs) == ("input",) and not isinstance(n.op, Cast)
+              and getattr(n.op, "output_dtype", None) is None):
+            kinds |= _moved_to(n.out, consumers)
+    return kinds if len(kinds) == 1 else {"any"}
 
 
 def _check_int_fed(nodes: list[Node], names: list[str]) -> None:
