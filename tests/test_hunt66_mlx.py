@@ -683,3 +683,32 @@ def test_every_rank_as_mlx(backend, case):
     ours, ref = CASES[case]
     p0, grads = problem(shapes=RANKS)
     assert worst(run_ours(ours(), p0, grads, backend), run_ref(ref(), p0, grads)) <= TOL
+
+
+def test_mlx_optimizer_sees_a_parameter_edited_in_place():
+    """MLX's ``a[i] = v`` edits an array in place (the same object, other values): the
+    wrapper took the model's arrays for those it returned and stepped from its own copy,
+    dropping the edit; now MLX's numbers (the reference's: SGD with momentum)."""
+    mx = pytest.importorskip("mlx.core")
+    nn = pytest.importorskip("mlx.nn")
+    from mithril.interop import mlx_optimizer
+
+    mx.random.seed(0)
+    model = nn.Linear(3, 2)
+    model.set_dtype(mx.float64)
+    opt = mlx_optimizer(SGD(momentum=0.9, convention="mlx"),
+                        learning_rate=mx.array(0.1, dtype=mx.float64))
+    ref = RefSGD(0.1, momentum=0.9)
+    flat = {"weight": np.array(model.weight), "bias": np.array(model.bias)}
+    rng = np.random.default_rng(5)
+    for t in range(6):
+        g = {k: rng.standard_normal(v.shape) for k, v in flat.items()}
+        opt.update(model, {k: mx.array(v, dtype=mx.float64) for k, v in g.items()})
+        flat = ref.apply_gradients(g, flat)
+        if t % 2 == 0:  # (weight clipping, a manual reset: in place)
+            model.weight[0] = 0.0
+            model.bias[:] = mx.clip(model.bias, -0.1, 0.1)
+            flat["weight"][0] = 0.0
+            flat["bias"] = np.clip(flat["bias"], -0.1, 0.1)
+    for k, v in flat.items():
+        assert np.abs(np.array(getattr(model, k)) - v).max() <= TOL, k

@@ -23,10 +23,11 @@ How it works:
   :meth:`MlxOptimizer.init`) fixes the parameters: those of the gradients tree; a later
   gradient for another name is refused (:class:`~mithril.errors.KeyMismatchError`).
 * Arrays cross as NumPy: an ``mx.array`` is read in place (``np.asarray``: no copy on CPU),
-  mithril copies the parameters into its flat buffer (only those replaced since its last
-  step: a model holding the arrays the last step returned is already there), steps, and
-  the new parameters come back as new ``mx.array`` of the parameters' dtype (float16,
-  float32 or float64; bfloat16 is refused by name: NumPy has no bfloat16).
+  mithril copies the parameters into its flat buffer (only those changed since its last
+  step: a model holding the arrays the last step returned, not edited in place with
+  ``a[i] = v``, is already there), steps, and the new parameters come back as new
+  ``mx.array`` of the parameters' dtype (float16, float32 or float64; bfloat16 is refused
+  by name: NumPy has no bfloat16).
   :meth:`~MlxOptimizer.apply_gradients` returns a tree of the gradients' structure, as
   MLX's; a parameter absent from the gradients is left alone (no weight decay either) and
   its state kept.
@@ -259,10 +260,13 @@ class MlxOptimizer(optim.Optimizer):
             raise KeyMismatchError(f"parameters has no {missing} (the gradients' or the "
                                    f"optimizer's parameter(s))")
         grads = _host("gradients", grads_mx)
-        if self._params is not None and all(params_mx[n] is self._returned.get(n) for n in names):
-            params = self._params  # the model holds the last step's arrays: nothing to copy in
-        else:
-            params = _host("parameters", params_mx, names)
+        params = _host("parameters", params_mx, names)
+        if self._params is not None and all(
+                params_mx[n] is self._returned.get(n) and np.array_equal(params[n], self._params[n])
+                for n in names):
+            # the model holds the last step's arrays, unchanged (one edited in place, a[i] = v,
+            # is the same object with other values): nothing to copy in
+            params = self._params
         sched = self._schedulers.get("learning_rate")
         lr_arr = self._scheduled(sched, self.step) if sched is not None \
             else self._state["learning_rate"]
