@@ -88,6 +88,19 @@ CASES: dict[str, tuple[hp.Case, tuple[str, ...]]] = {
           {"input": ((8, 1000, 4), 3.0, 0.0)},
           lambda t, d: F.cross_entropy(t["input"], d["target"], label_smoothing=0.1, reduction="sum"),
           {"target": np.random.default_rng(1).integers(0, 1000, (8, 4))}), ("torch",)),
+    # torch.autocast's float32 ops whose CPU half kernels round far from the truth
+    "triplet_margin_big": (
+        C(lambda: ml.TripletMarginLoss(), {k: ((4, 1024), 300.0, 0.0)
+                                           for k in ("anchor", "positive", "negative")},
+          lambda t, d: F.triplet_margin_loss(t["anchor"], t["positive"], t["negative"])),
+        ("torch",)),  # (17 ulps off)
+    "cosine_similarity_big": (
+        C(lambda: ml.CosineSimilarity(), {"input1": ((4, 1024), 300.0, 0.0),
+                                          "input2": ((4, 1024), 300.0, 0.0)},
+          lambda t, d: F.cosine_similarity(t["input1"], t["input2"])), ("torch",)),  # (67 ulps)
+    "adaptive_avg_pool3d": (C(lambda: ml.AdaptiveAvgPool3D(3), {"input": ((1, 2, 5, 5, 5), 1.0, 0.0)},
+                              lambda t, d: F.adaptive_avg_pool3d(t["input"], 3)),
+                            ("torch",)),  # (34 ulps off)
 }
 
 
@@ -148,6 +161,9 @@ _WIDE = [
     (lambda: ml.LPPool3D(2, 2), "lp_pool3d"), (lambda: ml.LPPool2D(2, 3), "lp_pool2d_big"),
     (lambda: ml.CosineEmbeddingLoss(reduction="sum"), "cosine_embedding_big"),
     (lambda: ml.CrossEntropy(weight=W, label_smoothing=0.1), "cross_entropy_weight_smoothing"),
+    (lambda: ml.TripletMarginLoss(), "triplet_margin_big"),
+    (lambda: ml.CosineSimilarity(), "cosine_similarity_big"),
+    (lambda: ml.AdaptiveAvgPool3D(3), "adaptive_avg_pool3d"),
 ]
 
 

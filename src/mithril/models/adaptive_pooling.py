@@ -88,7 +88,9 @@ class _AdaptiveAvg(_Adaptive, Separable):
     def taps(self, spatial: Sequence[int]) -> list[Taps]:
         return [window_taps(n, o) for n, o in zip(spatial, self.out_sizes(spatial))]
 
-    @float32_forward  # (a half-precision mean accumulates in float32, as torch's)
+    # (a half-precision mean accumulates in float32, as torch's; on torch too in 3-D, whose
+    # CPU half adaptive_avg_pool3d rounds as it sums, torch.autocast's float32 op)
+    @float32_forward(on_torch=lambda op: op.nd == 3)
     def forward(self, xp: Any, input: Any) -> Any:
         if backend_of(xp) == "torch":
             import torch.nn.functional as F
