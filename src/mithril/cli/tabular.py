@@ -10,8 +10,8 @@ row (data rows are counted from 1 after the header; the file line is given too).
 Classification or regression is inferred from the target (``--objective`` overrides): text
 values, or at most :data:`MAX_INFERRED_CLASSES` distinct integers, are classes; other numbers
 are a regression target. Features are standardised with the training split's mean and standard
-deviation (a constant column is left at 0); a regression target too (RMSE and R² are reported in
-its own units). The split is seeded (``--split-seed``) and stratified when every class has two
+deviation (a constant column, or one constant but for rounding, is left at 0, as
+StandardScaler leaves it); a regression target too (RMSE and R² are reported in its own units). The split is seeded (``--split-seed``) and stratified when every class has two
 rows at least.
 
 The run folder gets ``model.safetensors`` (the parameters, written with
@@ -513,14 +513,21 @@ def impute_values(x: np.ndarray, features: list[str], path: str) -> np.ndarray:
 
 def mean_std(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Column means and standard deviations (ddof 0, as StandardScaler; a constant column's is
-    1). Computed on the columns scaled by a power of two, which is exact, so that values near
-    1e200 do not overflow the squares to an inf standard deviation (a column silently set to
-    0, and a preprocess.json that predict cannot use)."""
+    1, and so is that of a column constant but for rounding: 0.7 in every row has a standard
+    deviation of 1e-16, which StandardScaler's bound on the rounding error of the variance takes
+    for 0, else a new value such as 0.75 would be standardised to 4e14). Computed on the columns
+    scaled by a power of two, which is exact, so that values near 1e200 do not overflow the
+    squares to an inf standard deviation (a column silently set to 0, and a preprocess.json that
+    predict cannot use)."""
     peak = np.abs(a).max(axis=0) if len(a) else np.zeros(a.shape[1])
     exp = np.frexp(np.where(peak > 0, peak, 1.0))[1]
     scaled = np.ldexp(a, -exp)
-    mean, std = np.ldexp(scaled.mean(axis=0), exp), np.ldexp(scaled.std(axis=0), exp)
-    std[std == 0] = 1.0
+    mean, std = scaled.mean(axis=0), scaled.std(axis=0)
+    # scikit-learn's _is_constant_feature (the bound is the same on the scaled columns)
+    n, eps = len(a), np.finfo(np.float64).eps
+    constant = std**2 <= n * eps * std**2 + (n * mean * eps) ** 2
+    mean, std = np.ldexp(mean, exp), np.ldexp(std, exp)
+    std[constant | (std == 0)] = 1.0
     return mean, std
 
 

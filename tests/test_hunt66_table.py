@@ -1,0 +1,84 @@
+"""``mithril train --data FILE.csv`` / ``mithril predict`` on tables an ML engineer brings,
+checked against scikit-learn (StandardScaler, train_test_split, sklearn.metrics)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mithril.cli import main
+
+TRAIN = ["--epochs", "3", "--hidden", "8", "--dtype", "float64", "--no-progress", "--no-plot"]
+
+
+def write_rows(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def predictions(path: Path) -> np.ndarray:
+    with open(path) as f:
+        return np.array([[float(v) for k, v in r.items() if k.startswith("p_")]
+                         for r in csv.DictReader(f)])
+
+
+@pytest.mark.parametrize("value", [0.7, 0.1, 123.456])
+def test_a_column_constant_but_for_rounding_is_left_at_zero_as_standard_scaler(
+        tmp_path, value):
+    """A column holding 0.7 in every training row has a NumPy standard deviation of about
+    1e-16 (its mean is not exactly 0.7); it was used as the scale, so a new row with 0.75
+    was standardised to ~4e14 and its prediction was garbage. StandardScaler takes such a
+    column for a constant one (scale 1)."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    from mithril.cli.tabular import mean_std
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 2)).round(3)
+    y = (x[:, 0] > x[:, 1]).astype(int)
+    data = write_rows(tmp_path / "t.csv", ["a", "b", "rate", "y"],
+                      [[*r, value, c] for r, c in zip(x.tolist(), y.tolist())])
+    assert main(["train", "--data", str(data), "--target", "y", *TRAIN,
+                 "--out", str(tmp_path / "run")]) == 0
+    pre = json.loads((tmp_path / "run" / "preprocess.json").read_text())
+    tr, _ = (np.sort(i) for i in train_test_split(np.arange(len(y)), test_size=0.2,
+                                                   random_state=0, stratify=y))
+    full = np.c_[x, np.full(len(y), value)]
+    scaler = StandardScaler().fit(full[tr])
+    assert pre["std"][2] == 1.0
+    np.testing.assert_allclose(pre["std"], scaler.scale_, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(pre["mean"], scaler.mean_, rtol=1e-14, atol=0)
+    mean, std = mean_std(np.full((48, 1), value))
+    assert std.tolist() == [1.0] and abs(mean[0] - value) <= 1e-15 * value
+    # a new value of the column moves the predictions a little, as with scikit-learn's scaling
+    moved = write_rows(tmp_path / "moved.csv", ["a", "b", "rate"],
+                       [[*r, value + 0.05] for r in x.tolist()])
+    same = write_rows(tmp_path / "same.csv", ["a", "b", "rate"],
+                      [[*r, value] for r in x.tolist()])
+    for name in ("moved", "same"):
+        assert main(["predict", "--run", str(tmp_path / "run"), "--data",
+                     str(tmp_path / f"{name}.csv"), "--out", str(tmp_path / f"{name}-p.csv")]) == 0
+    assert moved.exists() and same.exists()
+    p_moved, p_same = (predictions(tmp_path / f"{n}-p.csv") for n in ("moved", "same"))
+    assert np.abs(p_moved - p_same).max() < 0.05
+
+
+def test_a_regression_target_constant_but_for_rounding_has_scale_one(tmp_path):
+    """The same rule for a regression target: 123.456 in each of 40 training rows was
+    standardised by 1.4e-14."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 2)).round(3)
+    data = write_rows(tmp_path / "r.csv", ["a", "b", "y"],
+                      [[*r, 123.456] for r in x.tolist()])
+    assert main(["train", "--data", str(data), "--target", "y", "--objective", "regression",
+                 *TRAIN, "--out", str(tmp_path / "run")]) == 0
+    pre = json.loads((tmp_path / "run" / "preprocess.json").read_text())
+    assert pre["target_std"] == 1.0 and abs(pre["target_mean"] - 123.456) < 1e-12
