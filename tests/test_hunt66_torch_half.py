@@ -101,7 +101,24 @@ CASES: dict[str, tuple[hp.Case, tuple[str, ...]]] = {
     "adaptive_avg_pool3d": (C(lambda: ml.AdaptiveAvgPool3D(3), {"input": ((1, 2, 5, 5, 5), 1.0, 0.0)},
                               lambda t, d: F.adaptive_avg_pool3d(t["input"], 3)),
                             ("torch",)),  # (34 ulps off)
+    # linear algebra (torch.autocast's float32 linalg): torch has no CPU half lu / cholesky,
+    # NumPy and JAX no float16 solve; every backend raised
+    "symmetric_solve": (C(lambda: ml.SymmetricSolve(),
+                          {"matrix": ((6, 6), 0.1, 2 * np.eye(6)), "input": ((6, 2), 1.0, 0.0)},
+                          lambda t, d: torch.linalg.solve(_spd(t["matrix"]), t["input"])),
+                        ("numpy", "jax", "torch")),
+    "gpr_loss": (C(lambda: ml.GPRLoss(), {"labels": ((6, 1), 1.0, 0.0), "mu": ((6, 1), 1.0, 0.0),
+                                          "K_term": ((6, 6), 0.1, 2 * np.eye(6)), "alpha": ((6, 1), 1.0, 0.0)},
+                   lambda t, d: (0.5 * ((t["labels"] - t["mu"]) * t["alpha"]).sum()
+                                 + 0.5 * torch.logdet(_spd(t["K_term"])) + 3 * np.log(2 * np.pi)
+                                 ).reshape(1)),
+                 ("numpy", "jax", "torch")),
 }
+
+
+def _spd(m):
+    """The symmetric part of ``m`` (2·I plus noise: positive definite)."""
+    return (m + m.T) / 2
 
 
 def _grid() -> list:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputValueError
 from .arithmetic import Add, MatrixMultiply
+from .half_precision import float32_forward, float32_vjp
 from .model import IOKey, Model
 from .operator import Operator, ShapeError, fmt, torch_of, unbroadcast, unify
 from .primitives import Absolute, Subtract
@@ -81,6 +82,9 @@ class SymmetricSolve(Operator):
         unify(a[:1], b[:1], "matrix (rows)", "input (rows)")
         return (a[0] if a[0] is not None else b[0], b[1])
 
+    # (float16 / bfloat16 in float32, rounded once, as torch.autocast's linalg: torch has no CPU
+    # half lu, NumPy and JAX no float16 solve)
+    @float32_forward(on_torch=True)
     def forward(self, xp: Any, matrix: Any, input: Any) -> Any:
         linalg = _linalg(xp)
         try:
@@ -90,6 +94,7 @@ class SymmetricSolve(Operator):
                                   f"(a Gaussian process's K = k + s·I must be positive "
                                   f"definite): {e}") from None
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         gb = np.linalg.solve(_sym(args["matrix"]), g)
         res = {"input": gb, "matrix": _sym(-gb @ out.T)}
@@ -134,6 +139,7 @@ class GPRLoss(Operator):
                 raise ShapeError(f"GPRLoss: '{k}' must be a column (N, 1), got shape {fmt(s)}")
         return (1,)
 
+    @float32_forward(on_torch=True)  # (no half cholesky on torch's CPU, NumPy or JAX)
     def forward(self, xp: Any, labels: Any, mu: Any, K_term: Any, alpha: Any) -> Any:
         linalg = _linalg(xp)
         try:  # (the published Σ log diag(cholesky(K)): an indefinite K is refused, NaN on JAX)
@@ -148,6 +154,7 @@ class GPRLoss(Operator):
         fit = ((labels - mu) * alpha).sum()  # (N: K's, where a (1, 1) mu or labels broadcasts)
         return (0.5 * (fit + logdet) + K_term.shape[0] * (math.log(2 * math.pi) / 2)).reshape(1)
 
+    @float32_vjp
     def vjp(self, g, out, args, wrt):
         g0 = g.reshape(())
         lab, mu, alpha = args["labels"], args["mu"], args["alpha"]
