@@ -206,3 +206,47 @@ def test_float32_float64_bitwise_as_the_unwrapped_forward(make, name, dtype) -> 
         want = raw(op, xp, **arrays)
         a, b = (np.asarray(v.numpy() if kind == "torch" else v) for v in (got, want))
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def test_trainer_steps_a_float16_cosine_embedding_model_on_torch_as_autocast() -> None:
+    """MixedPrecisionTrainer on the torch backend: one SGD step of float16 Linear embeddings
+    under CosineEmbeddingLoss moves the float32 masters as torch's autocast + GradScaler step
+    (cosine_embedding_loss in float32). Before, torch's float16 kernel overflowed |e|² and the
+    step was skipped (ok False, NaN gradients)."""
+    from mithril.utils.mixed_precision import MixedPrecisionTrainer
+    from mithril.utils.optimizers import SGD
+
+    rng = np.random.default_rng(1)
+    x1, x2 = ((10 * rng.standard_normal((4, 1024))).astype(np.float16) for _ in range(2))
+    w = (rng.standard_normal((1024, 1024)) / 32).astype(np.float16).astype(np.float32)
+    target = np.array([1.0, -1.0, 1.0, -1.0])
+    model = ml.Model()
+    model |= ml.Linear(1024, use_bias=False)(input="x1", output="e1")
+    model |= ml.Linear(1024, use_bias=False)(input="x2", output="e2")
+    model |= ml.CosineEmbeddingLoss()(input1="e1", input2="e2", target="target",
+                                      output=ml.IOKey("loss"))
+    backend = TorchBackend(dtype="float16")
+    compiled = ml.compile(model, backend, shapes={"x1": [4, 1024], "x2": [4, 1024]})
+    names = sorted(compiled.get_parameters())
+    trainer = MixedPrecisionTrainer(compiled, SGD(learning_rate=10.0),
+                                    dict.fromkeys(names, w), loss_scale=2.0**8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.forward({"x1": backend.array(x1), "x2": backend.array(x2),
+                         "target": backend.array(target)})
+        masters, _, ok = trainer.backward_and_update({"loss": 1.0})
+    ws = [torch.tensor(w, requires_grad=True) for _ in names]
+    opt = torch.optim.SGD(ws, lr=10.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    with torch.autocast("cpu", dtype=torch.float16):
+        e1 = torch.tensor(x1) @ ws[0].T
+        e2 = torch.tensor(x2) @ ws[1].T
+        loss = F.cosine_embedding_loss(e1, e2, torch.tensor(target, dtype=torch.float16))
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    assert ok
+    for name, want in zip(names, ws, strict=True):
+        got = np.asarray(backend.to_numpy(masters[name]), np.float64)
+        moved = want.detach().numpy().astype(np.float64) - w
+        assert np.abs(moved).max() > 1e-4
+        assert np.abs((got - w) - moved).max() < 3e-2 * np.abs(moved).max()
