@@ -82,3 +82,34 @@ def test_a_regression_target_constant_but_for_rounding_has_scale_one(tmp_path):
                  *TRAIN, "--out", str(tmp_path / "run")]) == 0
     pre = json.loads((tmp_path / "run" / "preprocess.json").read_text())
     assert pre["target_std"] == 1.0 and abs(pre["target_mean"] - 123.456) < 1e-12
+
+
+def test_predict_rows_with_nan_outputs_are_not_the_first_class(tmp_path, capsys):
+    """A feature finite in float64 but far outside the training range (1e39) overflows a float32
+    model to NaN logits; predict wrote the first class (argmax of NaN) as the prediction and its
+    accuracy counted the row right when the truth was that class. Now the prediction is empty and
+    the row counts as wrong, as `mithril train` counts NaN logits (run_types.correct)."""
+    from sklearn.metrics import accuracy_score
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 2)).round(3)
+    names = np.array(["no", "yes"])[(x[:, 0] > x[:, 1]).astype(int)]
+    data = write_rows(tmp_path / "t.csv", ["a", "b", "y"],
+                      [[*r, c] for r, c in zip(x.tolist(), names.tolist())])
+    flags = ["--epochs", "2", "--hidden", "8", "--no-progress", "--no-plot"]
+    assert main(["train", "--data", str(data), "--target", "y", *flags,
+                 "--out", str(tmp_path / "run")]) == 0
+    new = write_rows(tmp_path / "new.csv", ["a", "b", "y"],
+                     [[1e39, 0.0, "no"], [x[0, 0], x[0, 1], names[0]], [x[1, 0], x[1, 1], "no"]])
+    capsys.readouterr()
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(new),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    out = capsys.readouterr().out
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["prediction"] == "" and np.isnan(float(rows[0]["p_no"]))
+    assert all(r["prediction"] in ("no", "yes") for r in rows[1:])
+    truth = ["no", names[0], "no"]
+    expected = accuracy_score(truth, ["<nan>", *(r["prediction"] for r in rows[1:])])
+    assert f"accuracy against 'y': {expected:.2%}" in out
+    assert "warning: 1 row(s) (the first: row 1) give inf/NaN outputs in float32" in out

@@ -202,8 +202,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"dry run: would write {out}")
         return 0
     result = predict(pre, compiled, params, table.x)
+    broken = ~np.isfinite(result.reshape(len(result), -1)).all(axis=1)
+    if broken.any():  # overflow in the compute dtype: features far outside the training range?
+        print(f"warning: {int(broken.sum())} row(s) (the first: row {int(broken.argmax()) + 1}) "
+              f"give inf/NaN outputs in {compiled.backend.dtype} (features far outside the "
+              f"training range, or too large for the dtype?)"
+              + (": their prediction is left empty and counts as wrong"
+                 if pre.objective == "classification" else ""))
     if pre.objective == "classification":
-        pred = [pre.labels[i] for i in result.argmax(axis=1)]
+        # (not the first class, which argmax takes for NaN: as `mithril train` counts them)
+        pred = [None if b else pre.labels[i] for i, b in zip(result.argmax(axis=1), broken)]
         names = [f"p_{label}" for label in pre.labels]
         # (a generator: the rows are written as made, not held as one dict each)
         rows: Iterable[dict[str, Any]] = (
@@ -243,15 +251,16 @@ def score(pre: Preprocess, pred: list[Any], truth: list[Any | None],
 def _accuracy(pre: Preprocess, pred: list[Any], truth: list[Any], text: list[Any]) -> str:
     """The share of rows whose class is the predicted one: text labels (a model trained on
     text classes) compared as written, number labels as numbers ('1.0' is class 1); rows of
-    classes the model was not trained on count as wrong, and the line says how many."""
+    classes the model was not trained on, and rows without a prediction (None: inf/NaN
+    outputs), count as wrong, and the line says how many of the former."""
     if any(isinstance(v, str) for v in pre.labels):
         known: set[Any] = set(pre.labels)
         given = [str(w) for w in text]
-        same = [str(p) == w for p, w in zip(pred, given)]
+        same = [p is not None and str(p) == w for p, w in zip(pred, given)]
     else:  # a text cell of a number-label model ('1' among 'x' cells) is read as a number
         given = [t if not isinstance(t, str) else _as_number(t) for t in truth]
         known = {float(v) for v in pre.labels}
-        same = [g is not None and g == float(p) for p, g in zip(pred, given)]
+        same = [g is not None and p is not None and g == float(p) for p, g in zip(pred, given)]
     line = f"accuracy against {pre.target!r}: {np.mean(same):.2%}"
     unknown = [w for g, w in zip(given, text) if g not in known]
     if unknown:
