@@ -10,6 +10,7 @@ same rounded inputs; float32 / float64 are bit-identical to the unwrapped method
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import half_precision_cases as hp
@@ -101,6 +102,8 @@ CASES: dict[str, tuple[hp.Case, tuple[str, ...]]] = {
     "adaptive_avg_pool3d": (C(lambda: ml.AdaptiveAvgPool3D(3), {"input": ((1, 2, 5, 5, 5), 1.0, 0.0)},
                               lambda t, d: F.adaptive_avg_pool3d(t["input"], 3)),
                             ("torch",)),  # (34 ulps off)
+    "prod": (C(lambda: ml.Prod(axis=-1), {"input": ((4, 64), 0.05, 1.0)},
+               lambda t, d: torch.prod(t["input"], -1)), ("numpy", "torch")),  # (2-3 ulps off)
     # linear algebra (torch.autocast's float32 linalg): torch has no CPU half lu / cholesky,
     # NumPy and JAX no float16 solve; every backend raised
     "symmetric_solve": (C(lambda: ml.SymmetricSolve(),
@@ -181,6 +184,8 @@ _WIDE = [
     (lambda: ml.TripletMarginLoss(), "triplet_margin_big"),
     (lambda: ml.CosineSimilarity(), "cosine_similarity_big"),
     (lambda: ml.AdaptiveAvgPool3D(3), "adaptive_avg_pool3d"),
+    (lambda: ml.Prod(axis=-1), "prod"),
+    (lambda: ml.SymmetricSolve(), "symmetric_solve"),
 ]
 
 
@@ -192,7 +197,7 @@ def test_float32_float64_bitwise_as_the_unwrapped_forward(make, name, dtype) -> 
     op = make()
     case = CASES[name][0]
     ins = {k: v for k, v in hp.values(name, case, "float16").items()}
-    raw = type(op).forward.__wrapped__
+    raw = inspect.unwrap(type(op).forward)  # (the method itself, under every wrapper)
     for kind in ("torch", "numpy"):
         if kind == "torch":
             xp = TorchBackend(dtype=str(dtype).removeprefix("torch."))._xp
