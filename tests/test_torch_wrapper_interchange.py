@@ -247,8 +247,10 @@ def test_adafactor_and_muon_interchange_both_ways(name):
 
 
 def test_torchs_lbfgs_state_dict_is_refused_by_name():
-    """torch.optim.LBFGS keeps its history its own way; ours needs its optimizer-wide
-    values: refused, saying so, nothing changed."""
+    """torch.optim.LBFGS's own state dict (its flat history in its first parameter's entry)
+    is taken by LBFGS() and goes on as torch (it was refused, saying it held none of
+    LBFGS's optimizer-wide values, which it does); an optax-convention LBFGS, whose values
+    torch's do not give, still refuses it by name, nothing changed."""
     m2 = _mlp().double()
     x, y = torch.randn(32, 5), torch.randn(32, 3)
     theirs = torch.optim.LBFGS(m2.parameters())
@@ -262,8 +264,21 @@ def test_torchs_lbfgs_state_dict_is_refused_by_name():
     theirs.step(closure)
     m1 = copy.deepcopy(m2)
     ours = torch_optimizer(mo.LBFGS(), m1.named_parameters())
-    before = snapshot(m1, ours)
-    with pytest.raises(ValueError, match=r"a torch.optim optimizer's holds none of LBFGS's "
-                                         r"optimizer-wide values"):
-        ours.load_state_dict(theirs.state_dict())
-    assert before[1:] == snapshot(m1, ours)[1:]
+    ours.load_state_dict(theirs.state_dict())
+
+    def closure1():
+        ours.zero_grad()
+        loss = torch.nn.functional.mse_loss(m1(x), y)
+        loss.backward()
+        return loss
+
+    ours.step(closure1)
+    theirs.step(closure)
+    assert model_err(m1, m2) <= TOL
+    m3 = copy.deepcopy(m2)
+    optax_like = torch_optimizer(mo.LBFGS(convention="optax"), m3.named_parameters())
+    before = snapshot(m3, optax_like)
+    with pytest.raises(ValueError, match=r"a torch.optim optimizer's state does not give "
+                                         r"LBFGS's optimizer-wide values"):
+        optax_like.load_state_dict(theirs.state_dict())
+    assert before[1:] == snapshot(m3, optax_like)[1:]

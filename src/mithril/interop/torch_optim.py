@@ -117,13 +117,22 @@ How it works:
   parameters end at the step's result; ``step`` returns the closure's first loss. If
   anything fails (the closure raises, returns a non-finite loss or gradient, or no loss)
   the parameters are written back and the optimizer state is unchanged; an exception of
-  the closure's own propagates with a note saying so.
+  the closure's own propagates with a note saying so. Its ``state_dict()`` is
+  ``torch.optim.LBFGS``'s own layout (:mod:`.torch_optim_lbfgs`): one entry, under the
+  first parameter's id, of flat tensors over the parameters in order (``d``,
+  ``prev_flat_grad``, the history oldest first as lists ``old_dirs`` (the gradient
+  changes y), ``old_stps`` (the steps s) and ``ro`` = 1/(y·s)) and ``H_diag``, ``t``,
+  ``prev_loss``, ``func_evals``, ``n_iter``; ``torch.optim.LBFGS`` loads it and goes on
+  as this run would, and torch's own loads here and goes on as torch's (torch keeps no
+  step count or returned loss: taken from the ``"mithril"`` entry while it matches the
+  state, else the fewest steps and ``prev_loss``). ``convention="optax"`` keeps its
+  per-parameter layout and refuses torch's, by name.
 * ``state_dict()`` is torch-shaped (:mod:`.torch_optim_checkpoints`): ``{"state": {i:
   {"step": tensor, <slot>: tensor}}, "param_groups": [group], "mithril": {...}}`` with torch's slot names where torch has the
   optimizer (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...), each of its slot shape
   (0-d for one value per tensor, e.g. ASGD's ``eta``/``mu`` as torch, Novograd's ``nu``;
   Adafactor's factors ``row_var``/``col_var``), leaving out what a parameter does not use
-  (entries with no elements; LBFGS history not yet made); the ``"mithril"`` entry holds the
+  (entries with no elements; an optax-convention LBFGS's history not yet made); the ``"mithril"`` entry holds the
   optimizer's name, hyperparameters, exact counters and, under ``"values"``, its
   optimizer-wide values (Prodigy's ``d``, the schedule-free ``weight_sum``, LBFGS's
   ``n_iter``, ...; :mod:`.torch_optim_state` has the details), also kept in the group

@@ -24,6 +24,7 @@ from .torch_optim_groups import (
     mithril_index,
     packed_groups,
 )
+from .torch_optim_lbfgs import ours_from_torch, torch_layout, torch_lbfgs_state
 from .torch_optim_own import is_own, torch_shaped
 from .torch_optim_rates import with_rates
 from .torch_optim_state import export, parse_state_dict, restore, with_group
@@ -46,6 +47,8 @@ class TorchCheckpoints:
         state, meta = export(self._mithril, self._opt_state, self._names,
                              [g["lr"] for g in self.param_groups for _ in g["params"]],
                              self._params)
+        if torch_layout(self._mithril) and self._opt_state is not None:  # (torch.optim's)
+            state = torch_lbfgs_state(self._opt_state, self._names)
         try:  # what the next step will use (a scheduler may have changed lr since the last)
             meta["hyperparameters"] = self._hyperparameters_of(
                 self.param_groups, meta["hyperparameters"], per_key=True)
@@ -102,6 +105,8 @@ class TorchCheckpoints:
 
         if is_own(state_dict):  # (a save_checkpoint file's: optimizer.state_dict(state))
             state_dict = torch_shaped(self, state_dict)
+        # (LBFGS in torch.optim.LBFGS's layout: per parameter, with a "mithril" entry)
+        state_dict = ours_from_torch(self._mithril, state_dict, self._names, reals(self._params))
         groups, ours = parse_state_dict(self._mithril, state_dict, self._names,
                                         self.param_groups, self._hyperparameters_of)
         try:  # (a torch.optim state dict's groups hold torch's flags)

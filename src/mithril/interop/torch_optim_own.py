@@ -13,6 +13,7 @@ from typing import Any
 
 from .torch_optim_complex import reals
 from .torch_optim_groups import mithril_index, packed_groups
+from .torch_optim_lbfgs import torch_layout, torch_lbfgs_state
 from .torch_optim_state import export
 
 __all__ = ["is_own", "torch_shaped"]
@@ -46,6 +47,8 @@ def torch_shaped(tw: Any, sd: Mapping[str, Any]) -> dict[str, Any]:
             g[key] = values[0] if len(values) == 1 else tuple(values)
     lrs = [g["lr"] for g in packed for _ in g["params"]]
     state, meta = export(trial, st, tw._names, lrs, tw._params)
+    if torch_layout(trial) and st is not None:  # (torch.optim.LBFGS's layout)
+        state = torch_lbfgs_state(st, tw._names)
     meta["param_names"] = list(tw._names)
     packed[0]["mithril"] = meta
     return {"state": state, "param_groups": packed, "mithril": meta}

@@ -11,9 +11,9 @@ restored by :func:`parse_state_dict`:
 * entries with no elements: the slots a parameter does not use (Adafactor's ``variance``
   of a matrix, its factors of a vector; Muon's ``momentum_buffer`` of a vector, its
   fallback's slots of a matrix), so each parameter's entry holds what torch's would;
-* LBFGS history entries not in use (``s{i}``/``y{i}`` from ``values["history"]`` on, and
-  ``d``/``prev_flat_grad`` before the first iteration): the state keeps them as one
-  shared zero buffer, and so does a restored one.
+* LBFGS history entries not in use (an older save's: ``convention="torch"`` now saves
+  torch.optim.LBFGS's layout, :mod:`.torch_optim_lbfgs`; optax's): the state keeps them
+  as one shared zero buffer, and so does a restored one.
 
 Optimizer-wide values (``OptimizerState.values``: Prodigy's ``d`` and ``numerator``, the
 schedule-free ``weight_sum`` and ``max_lr``, LBFGS's ``n_iter``, ``func_evals``, ``t``,
@@ -283,9 +283,9 @@ def parse_state_dict(opt: Optimizer, sd: Mapping[str, Any], names: Sequence[str]
     if native:  # a torch.optim optimizer's own (its groups hold its values, its state steps)
         if opt.state_values:
             raise ValueError(f"state dict has no 'mithril' entry: a torch.optim optimizer's "
-                             f"holds none of {type(opt).__name__}'s optimizer-wide values "
-                             f"{list(opt.state_values)}; resume from a state dict of a "
-                             f"mithril torch_optimizer")
+                             f"state does not give {type(opt).__name__}'s optimizer-wide values "
+                             f"{list(opt.state_values)} (only LBFGS(convention='torch') takes "
+                             f"torch.optim.LBFGS's); resume from a mithril torch_optimizer's")
         state = torch_state(given, groups)
         meta = _rebuilt_meta(opt, state, groups, names)
     if not isinstance(meta, Mapping):
