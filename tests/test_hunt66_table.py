@@ -113,3 +113,40 @@ def test_predict_rows_with_nan_outputs_are_not_the_first_class(tmp_path, capsys)
     expected = accuracy_score(truth, ["<nan>", *(r["prediction"] for r in rows[1:])])
     assert f"accuracy against 'y': {expected:.2%}" in out
     assert "warning: 1 row(s) (the first: row 1) give inf/NaN outputs in float32" in out
+
+
+def test_predict_ignores_repeated_names_of_columns_it_does_not_read(tmp_path, capsys):
+    """predict reads the model's columns by name and ignores the others, and it did ignore one
+    trailing empty column, but two (a spreadsheet's export: 'a,b,,') or two 'note' columns
+    were 'duplicate column name(s)'; pandas reads such files. A repeated feature or target is
+    still refused (which one to read?), and training names the unnamed column first."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 2)).round(3)
+    y = (x[:, 0] > 0).astype(int)
+    data = write_rows(tmp_path / "t.csv", ["a", "b", "y"],
+                      [[*r, c] for r, c in zip(x.tolist(), y.tolist())])
+    assert main(["train", "--data", str(data), "--target", "y", *TRAIN,
+                 "--out", str(tmp_path / "run")]) == 0
+    base = tmp_path / "base.csv"
+    write_rows(base, ["a", "b"], x[:5].tolist())
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(base),
+                 "--out", str(tmp_path / "base-p.csv")]) == 0
+    for name, header, extra in (("empty", ["a", "b", "", ""], ["", ""]),
+                                ("notes", ["note", "a", "note", "b"], None)):
+        rows = [[*r, *extra] if extra else ["x", r[0], "y", r[1]] for r in x[:5].tolist()]
+        f = write_rows(tmp_path / f"{name}.csv", header, rows)
+        assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(f),
+                     "--out", str(tmp_path / f"{name}-p.csv")]) == 0
+        assert (tmp_path / f"{name}-p.csv").read_text() == (tmp_path / "base-p.csv").read_text()
+    capsys.readouterr()
+    twice = write_rows(tmp_path / "twice.csv", ["a", "b", "a"], [[1, 2, 3]])
+    with pytest.raises(SystemExit):
+        main(["predict", "--run", str(tmp_path / "run"), "--data", str(twice)])
+    assert "duplicate column name(s) 'a'" in capsys.readouterr().err
+    trailing = write_rows(tmp_path / "trailing.csv", ["a", "b", "y", "", ""],
+                          [[*r, c, "", ""] for r, c in zip(x.tolist(), y.tolist())])
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(trailing), "--target", "y", *TRAIN,
+              "--out", str(tmp_path / "bad")])
+    assert "column 4 has no name in the header row" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -111,10 +111,6 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None,
                 raise CLIError(f"--data {path}: line {read} holds only numbers "
                                f"({_names(header, 5)}): the file has no header row? Add one "
                                f"naming the columns (--target names one of them)")
-            dup = _duplicates(header)
-            if dup:
-                raise CLIError(f"--data {path}: duplicate column name(s) "
-                               f"{_names([repr(d) for d in dup])}")
             # a dict, not list.index: tables of 20,000 columns (genes, pixels) are common
             position = {h: i for i, h in enumerate(header)}
             want_target = target is not None and (features is None or target in position)
@@ -122,14 +118,19 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None,
                 raise CLIError(f"--target {target!r} is not a column of {path} (columns: "
                                f"{_names(header)}){_separator_hint(header, sep)}"
                                f"{_target_hint(target, header)}")
+            if features is None and "" in position:  # a feature named '' (pandas' row index)
+                raise CLIError(f"--data {path}: column {header.index('') + 1} has no name "
+                               f"in the header row (the index pandas writes without "
+                               f"to_csv(index=False), or a trailing "
+                               f"{'tab' if sep == chr(9) else 'comma'}?); name it or remove it")
+            dup = _duplicates(header)
+            if features is not None:  # predict reads its columns only; the others are ignored
+                dup = [d for d in dup if d == target or d in features]
+            if dup:
+                raise CLIError(f"--data {path}: duplicate column name(s) "
+                               f"{_names([repr(d) for d in dup])}")
             scoring = features is not None  # predict: the target column is optional
             if features is None:
-                if "" in position:  # else a feature named '' (pandas' row index: a leak)
-                    raise CLIError(f"--data {path}: column {header.index('') + 1} has no name "
-                                   f"in the header row (the index pandas writes without "
-                                   f"to_csv(index=False), or a trailing "
-                                   f"{'tab' if sep == chr(9) else 'comma'}?); name it or "
-                                   f"remove it")
                 features = [h for h in header if h != target]
             if not features:
                 raise CLIError(f"--data {path}: no feature columns (the only column is the "
