@@ -104,6 +104,12 @@ CASES: dict[str, tuple[hp.Case, tuple[str, ...]]] = {
                             ("torch",)),  # (34 ulps off)
     "prod": (C(lambda: ml.Prod(axis=-1), {"input": ((4, 64), 0.05, 1.0)},
                lambda t, d: torch.prod(t["input"], -1)), ("numpy", "torch")),  # (2-3 ulps off)
+    "rbf_kernel_big": (  # ‖x − y‖² over 1024 features of 10 passes 65504: output 0, NaN grads
+        C(lambda: ml.RBFKernel(), {"input1": ((5, 1024), 10.0, 0.0), "input2": ((6, 1024), 10.0, 0.0),
+                                   "l_scale": ((1,), 0.1, 2.0), "sigma": ((1,), 1.0, 300.0)},
+          lambda t, d: t["l_scale"] ** 2 * torch.exp(
+              -((t["input1"][:, None] - t["input2"][None]) ** 2).sum(-1) / (2 * t["sigma"] ** 2))),
+        ("numpy", "jax", "torch")),
     # linear algebra (torch.autocast's float32 linalg): torch has no CPU half lu / cholesky,
     # NumPy and JAX no float16 solve; every backend raised
     "symmetric_solve": (C(lambda: ml.SymmetricSolve(),
