@@ -150,3 +150,25 @@ def test_predict_ignores_repeated_names_of_columns_it_does_not_read(tmp_path, ca
               "--out", str(tmp_path / "bad")])
     assert "column 4 has no name in the header row" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_numbers_quoted_after_a_space_get_the_quote_hint(tmp_path, capsys):
+    """'1, "3.5"' (a separator ', ' with quoted numbers): Python's csv, as pandas, keeps the
+    quotes of a cell that does not open with one, so the target '"3.5"' was text and the run
+    trained silently one class per value; a feature got 'encode a text column first'."""
+    lines = ["a, b, y", *(f'{i}, {i % 3}, "{i + 0.5}"' for i in range(20))]
+    data = tmp_path / "q.csv"
+    data.write_text("\n".join(lines) + "\n")
+    # Python's csv reads these cells so: the quotes stay (pandas' read_csv too)
+    assert list(csv.reader(lines[1:2])) == [["0", " 0", ' "0.5"']]
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--target", "y", *TRAIN,
+              "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "the target 'y' holds '\"0.5\"' in row 1: a space before an opening quote?" in err
+    assert not (tmp_path / "run").exists()
+    data.write_text('a, b, y\n1, "2", 0\n')
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--target", "y", *TRAIN])
+    assert "column 'b', row 1 (line 2): '\"2\"' is not a finite number (a space before an " \
+           "opening quote?" in capsys.readouterr().err

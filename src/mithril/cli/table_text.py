@@ -86,13 +86,19 @@ COMMA_HINT = ("a decimal comma, or commas grouping digits? Numbers are read with
               "point and no grouping, e.g. 1234.5")
 SIGN_HINT = ("a currency or percent sign, or spaces grouping digits? Numbers are read plain, "
              "e.g. 1234.5")
+QUOTE_HINT = ("a space before an opening quote? A quote opens a cell only right after the "
+              "separator (1,\"2\" not 1, \"2\"), else it is part of the cell's text")
 #: what spreadsheets write around or inside numbers: currency, percent, (thin, no-break) spaces
 DECORATIONS = "$€£¥%\u00a0\u2009\u202f "
 
 
 def written_number_hint(cell: str) -> str | None:
     """Why ``cell`` is a number as a spreadsheet writes it but not as ``float`` reads it (a
-    comma in digits; a currency or percent sign, or spaces grouping digits), or None."""
+    comma in digits; a currency or percent sign, or spaces grouping digits; quoted after a
+    space), or None."""
+    text = cell.strip()
+    if len(text) > 1 and text[0] == text[-1] == '"' and _is_float(text[1:-1]):
+        return QUOTE_HINT  # ', "2"': Python's csv (and pandas) keep the quotes after a space
     if _comma_number(cell):
         return COMMA_HINT
     plain = cell.strip()
