@@ -172,3 +172,26 @@ def test_numbers_quoted_after_a_space_get_the_quote_hint(tmp_path, capsys):
         main(["train", "--data", str(data), "--target", "y", *TRAIN])
     assert "column 'b', row 1 (line 2): '\"2\"' is not a finite number (a space before an " \
            "opening quote?" in capsys.readouterr().err
+
+
+def test_predict_ignores_repeated_feature_names_it_does_not_read_in_an_npz(tmp_path, capsys):
+    """The same for an .npz: its columns are picked by feature_names, and a repeated name of a
+    column the model does not use was refused."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 2))
+    y = (x[:, 0] > 0).astype(int)
+    np.savez(tmp_path / "t.npz", X=x, y=y, feature_names=np.array(["a", "b"]))
+    assert main(["train", "--data", str(tmp_path / "t.npz"), *TRAIN,
+                 "--out", str(tmp_path / "run")]) == 0
+    np.savez(tmp_path / "base.npz", X=x[:5], feature_names=np.array(["a", "b"]))
+    extra = np.c_[np.zeros(5), x[:5, 1], np.ones(5), x[:5, 0]]
+    np.savez(tmp_path / "extra.npz", X=extra, feature_names=np.array(["id", "b", "id", "a"]))
+    for name in ("base", "extra"):
+        assert main(["predict", "--run", str(tmp_path / "run"), "--data",
+                     str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"{name}.csv")]) == 0
+    assert (tmp_path / "extra.csv").read_text() == (tmp_path / "base.csv").read_text()
+    np.savez(tmp_path / "twice.npz", X=extra, feature_names=np.array(["a", "b", "id", "a"]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["predict", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "twice.npz")])
+    assert "duplicate feature name(s) 'a'" in capsys.readouterr().err

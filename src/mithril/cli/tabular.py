@@ -322,6 +322,8 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None,
                            f"{fn.dtype} {fn.shape}")
         names = _strings(fn)
         dup = _duplicates(names)
+        if features is not None:  # predict picks its columns; the others are ignored
+            dup = [d for d in dup if d in features]
         if dup:
             raise CLIError(f"--data {path}: duplicate feature name(s) {', '.join(map(repr, dup))}")
     if len(names) != x.shape[1]:
