@@ -195,3 +195,15 @@ def test_predict_ignores_repeated_feature_names_it_does_not_read_in_an_npz(tmp_p
     with pytest.raises(SystemExit):
         main(["predict", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "twice.npz")])
     assert "duplicate feature name(s) 'a'" in capsys.readouterr().err
+
+
+def test_a_target_name_quoted_after_a_space_is_pointed_at(tmp_path, capsys):
+    """A header 'a, "b", "y"' keeps the quotes in the names; --target y was 'not a column'
+    with no hint why (the list shows '"y"')."""
+    data = tmp_path / "q.csv"
+    data.write_text('a, "b", "y"\n1,2,0\n3,4,1\n')
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--target", "y", *TRAIN])
+    err = capsys.readouterr().err
+    assert "--target 'y' is not a column of" in err
+    assert "the header has '\"y\"': a space before an opening quote?" in err

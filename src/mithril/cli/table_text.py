@@ -122,6 +122,10 @@ def _target_hint(target: str, header: list[str]) -> str:
     near = [h for h in header if h.lower() == target.strip().lower()]
     if near:
         return f"; did you mean {near[0]!r}? (names are case-sensitive)"
+    quoted = [h for h in header if len(h) > 1 and h[0] == h[-1] == '"' and
+              h[1:-1].strip() == target.strip()]
+    if quoted:  # 'a, "y"': the quotes kept as part of the name
+        return f"; the header has {quoted[0]!r}: {QUOTE_HINT}"
     if target.strip().lstrip("-").isdigit() and len(header) > 1:
         return (f"; --target takes a column's name from the header row, not its position "
                 f"(the last column is {header[-1]!r})")
