@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import mithril as ml
 from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
-from mithril.models import IOKey, Linear, Model
+from mithril.models import Embedding, IOKey, Linear, Model
 
 BACKENDS = [pytest.param(lambda: NumpyBackend(dtype="float64"), id="numpy"),
             pytest.param(lambda: TorchBackend(dtype="float64"), id="torch"),
@@ -72,7 +72,7 @@ def test_a_trainable_key_feeding_an_integer_input_is_refused_at_compile(make):
     # trainable_keys=["idx"] on an Embedding index compiled, drew float "indices" and then
     # ran garbage (torch indexed by truncated floats) or failed inside the backend; torch
     # refuses requires_grad on an integer tensor, as set_differentiability(idx=True) is here
-    from mithril.models import Buffer, Embedding
+    from mithril.models import Buffer
 
     with pytest.raises(RuntimeError, match="floating point"):
         torch.tensor([0, 1, 4]).requires_grad_()
@@ -102,7 +102,7 @@ def test_a_mask_the_model_computes_is_refused_as_an_index(make):
     # indexed rows 0 and 1 (the mask cast to int64: silently not torch's x[mask]), NumPy
     # and JAX raised an IndexError; torch's x[mask] selects as many elements as
     # the mask holds, a shape a compiled program cannot know
-    from mithril.models import Buffer, Embedding, Where
+    from mithril.models import Buffer, Where
 
     b = make()
     xv = np.array([[0.5, 2.0, 1.5, -1.0], [3.0, 0.0, 1.0, 1.2], [0.1, 0.2, 0.3, 4.0]])
@@ -218,3 +218,29 @@ def test_an_input_reshaped_into_a_linear_takes_the_float_input_rule(make):
         with pytest.raises(ml.DTypeError, match=f"input 'x': expected dtype float32, got {name}"):
             c.evaluate(params, {"x": bad})
 
+
+
+@pytest.mark.parametrize("make", BACKENDS)
+def test_a_float_constant_for_an_integer_input_is_refused_at_compile(make):
+    # constant_keys={"i": [0.0, 3.0]} for an Embedding index compiled: NumPy then raised
+    # IndexError and JAX a TypeError at the run, torch indexed by the truncated floats; data of
+    # that dtype is a DTypeError ("expected an integer dtype"), as torch's F.embedding refuses
+    # float indices
+    b = make()
+    with pytest.raises(RuntimeError):
+        F.embedding(torch.tensor([0.0, 3.0]), torch.ones(4, 2))
+    m = Model()
+    m |= Embedding(4, 2).connect(input="i", output="y")
+    for bad, name in ((np.array([0.0, 3.0]), "float64"), (np.array([True, False]), "bool")):
+        with pytest.raises(ml.DTypeError, match=f"constant 'i': it feeds integer inputs.*got {name}"):
+            ml.compile(m, b, constant_keys={"i": bad})
+    idx = np.array([3, 0, 3])
+    c = ml.compile(m, b, constant_keys={"i": idx})
+    params = c.randomize_params()
+    g = np.random.default_rng(6).standard_normal((3, 2))
+    out, grads = c.evaluate(params, output_gradients={"y": b.array(g)})
+    tw = torch.tensor(_np(b, params["embedding.weight"]), requires_grad=True)
+    ty = F.embedding(torch.tensor(idx), tw)
+    (tg,) = torch.autograd.grad((ty * torch.tensor(g)).sum(), [tw])
+    np.testing.assert_allclose(_np(b, out["y"]), ty.detach().numpy(), rtol=0)
+    np.testing.assert_allclose(_np(b, grads["embedding.weight"]), tg.numpy(), rtol=1e-12)

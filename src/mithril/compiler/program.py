@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import KeyMismatchError, ShapeError
+from ..errors import DTypeError, KeyMismatchError, ShapeError
 from ..models.connection_types import type_name
 from ..models.model import Connection, Model, _as_shape, param_keys
 from ..models.operator import Operator, Shape, broadcast_shapes, fmt, unify
@@ -329,6 +329,10 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         if kinds == {"any"}:  # (only blocks that move elements: what their outputs feed)
             kinds = _moved_to(w, consumers)
         prog.input_kinds[name] = next(iter(kinds - {"any"}), "any" if kinds else "float")
+        got = np.asarray(b.consts[w]).dtype if w in b.consts else None
+        if got is not None and prog.input_kinds[name] == "int" and got.kind not in "iu":
+            raise DTypeError(f"constant '{name}': it feeds integer inputs (indices), so it must "
+                             f"have an integer dtype, as data must; got {got}")
 
     differentiable: set[int] = set(prog.param_wires.values()) | set(wire_params)  # depend on a parameter
     # wires whose values are known now (Size's output; an integer constant: Arange's start)
