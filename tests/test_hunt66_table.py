@@ -207,3 +207,34 @@ def test_a_target_name_quoted_after_a_space_is_pointed_at(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--target 'y' is not a column of" in err
     assert "the header has '\"y\"': a space before an opening quote?" in err
+
+
+def test_blank_lines_above_the_header_are_skipped(tmp_path, capsys):
+    """Blank lines are skipped (the docs; pandas' skip_blank_lines), but one above the header
+    made the whole file 'empty file, or no header row', in train and predict."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 2)).round(3)
+    y = (x[:, 0] > 0).astype(int)
+    body = "a,b,y\r\n" + "".join(f"{p},{q},{c}\r\n" for (p, q), c in zip(x.tolist(), y))
+    plain, lead = tmp_path / "plain.csv", tmp_path / "lead.csv"
+    plain.write_bytes(body.encode())
+    lead.write_bytes(("\r\n  \r\n" + body).encode())
+    for name in ("plain", "lead"):
+        assert main(["train", "--data", str(tmp_path / f"{name}.csv"), "--target", "y", *TRAIN,
+                     "--out", str(tmp_path / f"run-{name}")]) == 0
+        assert main(["predict", "--run", str(tmp_path / "run-plain"), "--data",
+                     str(tmp_path / f"{name}.csv"), "--out", str(tmp_path / f"p-{name}.csv")]) == 0
+    assert (tmp_path / "run-lead" / "metrics.csv").read_text() == \
+        (tmp_path / "run-plain" / "metrics.csv").read_text()
+    assert (tmp_path / "p-lead.csv").read_text() == (tmp_path / "p-plain.csv").read_text()
+    # the lines named count the blank ones
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n\na,b,y\n1,2,0\n3,x,1\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(bad), "--target", "y", *TRAIN])
+    assert "column 'b', row 2 (line 5): 'x' is not a finite number" in capsys.readouterr().err
+    bad.write_text("\n  \n")
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(bad), "--target", "y", *TRAIN])
+    assert "empty file, or no header row" in capsys.readouterr().err

@@ -101,6 +101,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None,
             # strict: an unclosed quote is an error, not a cell that swallows the rest of the file
             reader = csv.reader(f, strict=True, delimiter=sep)
             header = next(reader, None)
+            while header is not None and len(header) <= 1 and not "".join(header).strip():
+                header = next(reader, None)  # blank lines above the header are skipped too
             read = reader.line_num
             if header is None or not any(h.strip() for h in header):
                 raise CLIError(f"--data {path}: empty file, or no header row")
