@@ -238,3 +238,23 @@ def test_blank_lines_above_the_header_are_skipped(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--data", str(bad), "--target", "y", *TRAIN])
     assert "empty file, or no header row" in capsys.readouterr().err
+
+
+def test_a_trailing_comma_on_the_data_rows_is_named(tmp_path, capsys):
+    """Data rows ending with a separator the header lacks (some exports write one): pandas
+    then takes the first column for the index and shifts every name silently; refused here,
+    and now the message says what the extra cell is."""
+    data = tmp_path / "t.csv"
+    data.write_text("a,b,y\n1,2,0,\n3,4,1,\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--target", "y", *TRAIN,
+              "--out", str(tmp_path / "run")])
+    assert "row 1 (line 2) has 4 cells, the header 3 (its last is empty: a trailing comma " \
+           "ends the data rows? remove it)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    data = tmp_path / "t.tsv"
+    data.write_text("a\tb\ty\n1\t2\t0\t\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--target", "y", *TRAIN])
+    assert "has 4 cells, the header 3 (its last is empty: a trailing tab" in \
+        capsys.readouterr().err

@@ -157,8 +157,12 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None,
                 i += 1
                 if len(row) != len(header):
                     blocks.flush(holes)  # a bad cell above it is named first
+                    trailing = len(row) == len(header) + 1 and not row[-1].strip()
                     raise CLIError(f"--data {path}: row {i} (line {start}) has {len(row)} "
-                                   f"cells, the header {len(header)}")
+                                   f"cells, the header {len(header)}"
+                                   + (f" (its last is empty: a trailing "
+                                      f"{'tab' if sep == chr(9) else 'comma'} ends the data "
+                                      f"rows? remove it)" if trailing else ""))
                 blocks.add(row, start, holes)
                 if tcol is not None:
                     cell = row[tcol].strip()
