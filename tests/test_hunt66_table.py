@@ -258,3 +258,18 @@ def test_a_trailing_comma_on_the_data_rows_is_named(tmp_path, capsys):
         main(["train", "--data", str(data), "--target", "y", *TRAIN])
     assert "has 4 cells, the header 3 (its last is empty: a trailing tab" in \
         capsys.readouterr().err
+
+
+def test_predict_names_a_non_finite_regression_truth_instead_of_calling_it_text(tmp_path, capsys):
+    """A regression target cell 'inf' in the predicted file said "'y' holds text: no RMSE"."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 2)).round(3)
+    data = write_rows(tmp_path / "t.csv", ["a", "b", "y"],
+                      [[p, q, round(2 * p - q + 0.5, 3)] for p, q in x.tolist()])
+    assert main(["train", "--data", str(data), "--target", "y", *TRAIN,
+                 "--out", str(tmp_path / "run")]) == 0
+    for cell, what in (("inf", "a number that is not finite, 'inf'"), ("big", "text, 'big'")):
+        new = write_rows(tmp_path / "new.csv", ["a", "b", "y"], [[0.1, 0.2, 1.0], [0, 0, cell]])
+        capsys.readouterr()
+        assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(new)]) == 0
+        assert f"('y' holds {what}: no RMSE)" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from .argtypes import in_path, look, out_path
 from .common import HelpFormatter
 from .errors import CLIError
 from .report import check_out_file, ensure_writable_file, same_file, write_csv
+from .table_text import _is_float, _number
 from .tabular import CHUNK_ROWS, MODEL_FILE, PREPROCESS_FILE, Preprocess, read_table
 
 DESCRIPTION = """\
@@ -279,8 +280,11 @@ def _as_number(text: str) -> float | None:
 
 
 def _score(pre: Preprocess, pred: list[Any], truth: list[Any]) -> str:
-    if any(isinstance(t, str) for t in truth):
-        return f"({pre.target!r} holds text: no RMSE)"
+    # (one cell that is not a finite number leaves every cell a string: Table.y)
+    bad = next((t for t in truth if isinstance(t, str) and _number(t) is None), None)
+    if bad is not None:  # text, or a number that is not finite ('inf': not text)
+        what = "a number that is not finite" if _is_float(bad) else "text"
+        return f"({pre.target!r} holds {what}, {bad!r}: no RMSE)"
     y, p = np.asarray(truth, dtype=np.float64), np.asarray(pred)
     sse, sst = float(np.sum((p - y) ** 2)), float(np.sum((y - y.mean()) ** 2))
     r2 = f"{1 - sse / sst:.4f}" if sst > 0 else "nan"
