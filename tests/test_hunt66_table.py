@@ -273,3 +273,28 @@ def test_predict_names_a_non_finite_regression_truth_instead_of_calling_it_text(
         capsys.readouterr()
         assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(new)]) == 0
         assert f"('y' holds {what}: no RMSE)" in capsys.readouterr().out
+
+
+def test_nan_features_of_an_npz_are_counted_per_column_with_the_fix(tmp_path, capsys):
+    """The docs: a missing feature is refused, counted per column first, and the message says
+    what to do (--impute mean). An .npz with NaN said only 'missing or non-finite value in
+    column ..., row ...' (no count, no --impute)."""
+    x = np.arange(24.0).reshape(8, 3)
+    x[1, 0] = x[2, 0] = x[5, 2] = np.nan
+    y = np.array([0, 1] * 4)
+    np.savez(tmp_path / "nan.npz", X=x, y=y, feature_names=np.array(["a", "b", "c"]))
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(tmp_path / "nan.npz"), *TRAIN,
+              "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "3 missing values (empty, NA, NaN, ...) in 'a' (2), 'c' (1)" in err
+    assert "give --impute mean" in err and "The first: missing value in column 'a', row 2" in err
+    assert not (tmp_path / "run").exists()
+    # with --impute mean it trains (SimpleImputer's means); an inf is still refused, named
+    assert main(["train", "--data", str(tmp_path / "nan.npz"), *TRAIN, "--impute", "mean",
+                 "--out", str(tmp_path / "run")]) == 0
+    x[3, 1] = -np.inf
+    np.savez(tmp_path / "inf.npz", X=x, y=y, feature_names=np.array(["a", "b", "c"]))
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(tmp_path / "inf.npz"), *TRAIN])
+    assert "missing or non-finite value in column 'b', row 4 (-inf)" in capsys.readouterr().err

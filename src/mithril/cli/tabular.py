@@ -349,11 +349,15 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None,
         raise CLIError(f"--data {path}: 'X' has no feature columns (shape {x.shape}); a model "
                        f"needs at least one")
     x = x.astype(np.float64)
-    bad = np.argwhere(np.isinf(x) if missing else ~np.isfinite(x))
+    bad = np.argwhere(np.isinf(x))
     if len(bad):
         r, c = bad[0]
         raise CLIError(f"--data {path}: missing or non-finite value in column {names[c]!r}, "
-                       f"row {r + 1}")
+                       f"row {r + 1} ({x[r, c]})")
+    if not missing and np.isnan(x).any():  # counted per column, with the fix, as in a CSV
+        holes = {names[c]: [f"row {r + 1}" for r in np.flatnonzero(np.isnan(x[:, c]))]
+                 for c in np.flatnonzero(np.isnan(x).any(axis=0))}
+        raise CLIError(_missing_message(path, holes, features is not None))
     y: list[Any] | None = None
     raw: list[str | None] | None = None
     if features is None or name in arrays:
