@@ -323,3 +323,23 @@ def test_recurrent_packed_classifier(backend_cls, cell, tmp_path):
     _run(*args)
     path = _run(*args, stop=4)
     _run(*args, resume=path)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_lengths_of_another_batch_names_the_batch_size(backend_cls):
+    # a batch_first input (3, 5, 3) reaches the check time-major, (5, 3, 3): the error named
+    # that shape as "the batch of 'input'", a shape the user never gave; it now names N = 3
+    backend = backend_cls(dtype="float64", seed=0)
+    compiled = ml.compile(_rnn_model("GRU"), backend, shapes={"input": [None, T, IN]})
+    params = compiled.get_parameters()
+    step = make_train_step(compiled, AdamW(learning_rate=1e-2), loss="loss")
+    opt_state = step.init(params)
+    before = {k: _np(backend, v).copy() for k, v in params.items()}
+    data = {"input": backend.array(np.ones((3, T, IN))),
+            "lengths": backend.array(np.array([5, 2]), backend.int_dtype),
+            "target": backend.array(np.array([0, 1, 2]), backend.int_dtype)}
+    with pytest.raises(ml.ShapeError, match=r"'lengths' must be \(N,\), one length per sequence "
+                                            r"of the batch \(N = 3: 'input' is \[5, 3, 3\] in "
+                                            r"time-major \(T, N, I\) order\), got shape \[2\]"):
+        step(params, opt_state, data)
+    assert all(np.array_equal(_np(backend, params[k]), before[k]) for k in before)

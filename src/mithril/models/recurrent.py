@@ -167,8 +167,10 @@ class Recurrence(Operator):
             check_unbatched(who, s, self.lengths)
         ls = shapes.get("lengths") if self.lengths else None
         if ls is not None and (len(ls) != 1 or not (n is None or ls[0] is None or ls[0] == n)):
+            # s is time-major (T, N, I) here, a batch_first input's axes swapped: name N
             raise ShapeError(f"{who}: 'lengths' must be (N,), one length per sequence of the "
-                             f"batch of 'input' {fmt(s)}, got shape {fmt(ls)}")
+                             f"batch (N = {n}: 'input' is {fmt(s)} in time-major (T, N, I) "
+                             f"order), got shape {fmt(ls)}")
         k = self.num_states
         for key in self.inputs[1:]:
             hs = shapes.get(key)
