@@ -88,3 +88,18 @@ def test_exclude_from_weight_decay_var_names_empty_excludes_nothing_as_keras():
     np.testing.assert_allclose(p["b"], ref[1], rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="needs names="):
         opt.exclude_from_weight_decay()
+
+
+@pytest.mark.parametrize("y, p", [
+    ([1.0, 2.0, 4.0], [1.5, 2.0, 3.0]),   # an ordinary target
+    ([3.0, 3.0, 3.0], [3.0, 3.0, 3.0]),   # constant, predicted exactly: 1
+    ([3.0, 3.0, 3.0], [2.0, 3.0, 3.5]),   # constant, not exactly: 0 (was NaN)
+])
+def test_r_squared_as_sklearn_r2_score(y, p):
+    from sklearn.metrics import r2_score
+
+    from mithril.cli.run_types import r_squared
+
+    y, p = np.asarray(y), np.asarray(p)
+    ours = r_squared(float(np.sum((p - y) ** 2)), float(np.sum((y - y.mean()) ** 2)))
+    assert ours == pytest.approx(r2_score(y, p), abs=1e-15)

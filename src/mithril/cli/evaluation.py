@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .run_types import correct
+from .run_types import correct, r_squared
 
 __all__ = ["Evaluation"]
 
@@ -115,7 +115,7 @@ class Evaluation:
         else:
             sst = float(np.sum((y - y.mean()) ** 2))
             res["rmse"] = math.sqrt(sse / y.size) * self.spec.target_scale
-            res["r2"] = 1 - sse / sst if sst > 0 else float("nan")
+            res["r2"] = r_squared(sse, sst)
         return res
 
     def epoch_line(self, m: dict[str, float]) -> str:

@@ -21,6 +21,7 @@ from .argtypes import in_path, look, out_path
 from .common import HelpFormatter
 from .errors import CLIError
 from .report import check_out_file, ensure_writable_file, same_file, write_csv
+from .run_types import r_squared
 from .table_text import _is_float, _number
 from .tabular import CHUNK_ROWS, MODEL_FILE, PREPROCESS_FILE, Preprocess, read_table
 
@@ -287,5 +288,5 @@ def _score(pre: Preprocess, pred: list[Any], truth: list[Any]) -> str:
         return f"({pre.target!r} holds {what}, {bad!r}: no RMSE)"
     y, p = np.asarray(truth, dtype=np.float64), np.asarray(pred)
     sse, sst = float(np.sum((p - y) ** 2)), float(np.sum((y - y.mean()) ** 2))
-    r2 = f"{1 - sse / sst:.4f}" if sst > 0 else "nan"
-    return f"against {pre.target!r}: RMSE {np.sqrt(sse / len(y)):.4g}, R² {r2}"
+    return (f"against {pre.target!r}: RMSE {np.sqrt(sse / len(y)):.4g}, "
+            f"R² {r_squared(sse, sst):.4f}")

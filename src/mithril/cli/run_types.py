@@ -112,6 +112,14 @@ def correct(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (np.argmax(logits, axis=-1) == y) & np.isfinite(logits).all(axis=-1)
 
 
+def r_squared(sse: float, sst: float) -> float:
+    """R² = 1 − SSE/SST, as ``sklearn.metrics.r2_score`` (``force_finite=True``): for a
+    constant target (SST = 0) 1.0 if every prediction is exact, else 0.0 (not NaN)."""
+    if sst > 0:
+        return 1 - sse / sst
+    return 1.0 if sse == 0 else 0.0 if sse == sse else float("nan")
+
+
 class ShuffledRows:
     """The batches of an epoch: the training rows in a new random order, ``batch_size`` at a
     time (the last batch may be smaller)."""
