@@ -261,8 +261,9 @@ def _accuracy(pre: Preprocess, pred: list[Any], truth: list[Any], text: list[Any
         same = [p is not None and str(p) == w for p, w in zip(pred, given)]
     else:  # a text cell of a number-label model ('1' among 'x' cells) is read as a number
         given = [t if not isinstance(t, str) else _as_number(t) for t in truth]
-        known = {float(v) for v in pre.labels}
-        same = [g is not None and p is not None and g == float(p) for p, g in zip(pred, given)]
+        # (exact: Python compares an int label beyond 2**53 with a float exactly)
+        known = set(pre.labels)
+        same = [g is not None and p is not None and g == p for p, g in zip(pred, given)]
     line = f"accuracy against {pre.target!r}: {np.mean(same):.2%}"
     unknown = [w for g, w in zip(given, text) if g not in known]
     if unknown:
@@ -273,11 +274,7 @@ def _accuracy(pre: Preprocess, pred: list[Any], truth: list[Any], text: list[Any
 
 
 def _as_number(text: str) -> float | None:
-    try:
-        v = float(text)
-    except ValueError:
-        return None
-    return v if np.isfinite(v) else None
+    return _number(text)
 
 
 def _score(pre: Preprocess, pred: list[Any], truth: list[Any]) -> str:

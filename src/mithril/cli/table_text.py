@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import unicodedata
 from collections import Counter
 
 #: missing-value markers, compared lower-cased: pandas' ``read_csv`` defaults (Excel's ``#N/A``
@@ -14,12 +15,27 @@ MISSING = frozenset({"", "na", "n/a", "nan", "-nan", "null", "none", "?", "#n/a"
                      "#na", "<na>", "1.#ind", "-1.#ind", "1.#qnan", "-1.#qnan"})
 
 
+def _plain(text: str) -> bool:
+    """Whether ``text`` may be a number as pandas' ``read_csv`` reads one: ASCII, no ``_``
+    (Python's ``float`` also takes ``1_000`` and other scripts' digits, such as ``٣``, which
+    pandas keeps as text)."""
+    return text.isascii() and "_" not in text
+
+
 def _number(text: str) -> float | None:
+    if not _plain(text.strip()):
+        return None
     try:
         v = float(text)
     except ValueError:
         return None
     return v if math.isfinite(v) else None
+
+
+def nfc(name: str) -> str:
+    """A column name in Unicode's composed form (NFC): 'é' typed as one character or as 'e'
+    and a combining accent (as macOS writes file names) are the same name."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _duplicates(names: list[str]) -> list[str]:
@@ -84,6 +100,8 @@ def _comma_number(cell: str) -> bool:
 
 COMMA_HINT = ("a decimal comma, or commas grouping digits? Numbers are read with a decimal "
               "point and no grouping, e.g. 1234.5")
+DIGITS_HINT = ("digits grouped by '_', or digits of another script? Numbers are read as "
+               "pandas reads them: ASCII digits, no grouping, e.g. 1234.5")
 SIGN_HINT = ("a currency or percent sign, or spaces grouping digits? Numbers are read plain, "
              "e.g. 1234.5")
 QUOTE_HINT = ("a space before an opening quote? A quote opens a cell only right after the "
@@ -101,6 +119,8 @@ def written_number_hint(cell: str) -> str | None:
         return QUOTE_HINT  # ', "2"': Python's csv (and pandas) keep the quotes after a space
     if _comma_number(cell):
         return COMMA_HINT
+    if not _plain(text) and any(c.isdigit() for c in text) and _python_float(text):
+        return DIGITS_HINT
     plain = cell.strip()
     for c in DECORATIONS:
         plain = plain.replace(c, "")
@@ -153,12 +173,17 @@ def _looks_like_data(header: list[str]) -> bool:
         any(not float(h).is_integer() for h in numbers if _number(h) is not None)
 
 
-def _is_float(text: str) -> bool:
+def _python_float(text: str) -> bool:
     try:
         float(text)
     except ValueError:
         return False
     return True
+
+
+def _is_float(text: str) -> bool:
+    """Whether ``text`` is a number (finite or not) as pandas reads one (:func:`_plain`)."""
+    return _plain(text.strip()) and _python_float(text)
 
 
 def _missing(text: str) -> bool:

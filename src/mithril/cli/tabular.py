@@ -22,6 +22,7 @@ names, standardisation statistics, objective, class labels, the network's shape)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 from dataclasses import dataclass, replace
@@ -45,14 +46,19 @@ from .table_text import (
     _not_number_hint,
     _not_utf8,
     _number,
+    _plain,
     _separator_hint,
     _target_hint,
+    nfc,
     written_number_hint,
 )
 
 #: at most this many distinct integer targets are taken for classes
 MAX_INFERRED_CLASSES = 20
 MAX_CLASSES = 1000
+#: a target of numbers but for at most this many text cells (a typo: '1.2.3', '-') is
+#: warned of: it is taken for classes, as text is
+STRAY_CELLS = 2
 MODEL_FILE, PREPROCESS_FILE = "model.safetensors", "preprocess.json"
 #: rows evaluated at a time (the metrics after each epoch, predict): a large table's
 #: activations stay small, and NumPy runs chunks of this size about 4x faster than one call
@@ -82,6 +88,8 @@ class Table:
     #: the target's values as written (stripped; None where missing): predict compares text
     #: class labels with them ('2.50' is a label of its own, not the number 2.5)
     y_text: list[str | None] | None = None
+    #: the file line of each target value (a text table), for messages
+    y_lines: list[int] | None = None
 
 
 def read_csv(path: str, target: str | None, features: list[str] | None = None,
@@ -106,7 +114,10 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None,
             read = reader.line_num
             if header is None or not any(h.strip() for h in header):
                 raise CLIError(f"--data {path}: empty file, or no header row")
-            header = [h.strip() for h in header]
+            # names in Unicode's composed form (NFC), as --target and a model's features
+            header = [nfc(h.strip()) for h in header]
+            target = None if target is None else nfc(target)
+            features = None if features is None else [nfc(f) for f in features]
             # training: a data row would be lost as the header (predict finds its columns by
             # name, so a header of numbers, e.g. years, is one there)
             if features is None and all(_is_float(h) for h in header):
@@ -149,6 +160,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None,
             tcol = position[target] if want_target else None
             blocks = _Blocks(path, features, cols)
             ys: list[str | None] = []
+            lines: list[int] = []
             i = 0  # data rows, blank lines not counted (the row numbers of predictions.csv)
             for row in reader:
                 start, read = read + 1, reader.line_num
@@ -166,6 +178,7 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None,
                 blocks.add(row, start, holes)
                 if tcol is not None:
                     cell = row[tcol].strip()
+                    lines.append(start)
                     if _missing(cell) and scoring:
                         ys.append(None)  # predicted, left out of the score
                         continue
@@ -208,7 +221,8 @@ def read_csv(path: str, target: str | None, features: list[str] | None = None,
                        f"row? Add one naming the columns (--target names one of them)")
     x = blocks.array()
     return Table(path, features, x, target if tcol is not None else None,
-                 _typed(ys) if tcol is not None else None, ys if tcol is not None else None)
+                 _typed(ys) if tcol is not None else None, ys if tcol is not None else None,
+                 lines if tcol is not None else None)
 
 
 #: data rows whose feature cells are held as text before they are converted to float64 at once
@@ -243,7 +257,8 @@ class _Blocks:
         cells, nf = self.cells, len(self.features)
         try:
             block = np.fromiter(map(float, cells), np.float64, len(cells))
-            fine = bool(np.isfinite(block).all())
+            # (float takes '1_000' and other scripts' digits too: cell by cell, they are text)
+            fine = bool(np.isfinite(block).all()) and _plain("".join(cells))
         except ValueError:
             fine = False
         if not fine:  # cell by cell: the missing ones are counted, the first bad one named
@@ -291,10 +306,16 @@ def _missing_message(path: str, holes: dict[str, list[str]], predicting: bool) -
 
 
 def _typed(values: list[str | None]) -> list[Any]:
-    """Floats if every value is a number, else the strings (None, a missing value, stays)."""
-    numbers = [None if v is None else _number(v) for v in values]
+    """Floats if every value is a number, else the strings (None, a missing value, stays); a
+    whole number written without a fraction beyond 2**53 (an identifier, a class code) is kept
+    as an exact int, which a float would round."""
+    numbers: list[Any] = [None if v is None else _number(v) for v in values]
     if any(n is None and v is not None for n, v in zip(numbers, values)):
         return values
+    for k, (n, v) in enumerate(zip(numbers, values)):
+        if n is not None and abs(n) >= 2**53 and v is not None:
+            with contextlib.suppress(ValueError):
+                numbers[k] = int(v)
     return numbers
 
 
@@ -326,7 +347,7 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None,
         if fn.ndim != 1 or fn.dtype.kind not in "US":
             raise CLIError(f"--data {path}: 'feature_names' must be a 1-d array of strings, got "
                            f"{fn.dtype} {fn.shape}")
-        names = _strings(fn)
+        names = [nfc(n) for n in _strings(fn)]
         dup = _duplicates(names)
         if features is not None:  # predict picks its columns; the others are ignored
             dup = [d for d in dup if d in features]
@@ -335,6 +356,7 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None,
     if len(names) != x.shape[1]:
         raise CLIError(f"--data {path}: {len(names)} feature_names for {x.shape[1]} columns")
     if features is not None:  # predict: the model's columns by name, as in a CSV
+        features = [nfc(f) for f in features]
         if "feature_names" not in arrays and names != features:
             raise CLIError(f"--data {path}: 'X' has {len(names)} columns and no "
                            f"'feature_names'; the model was trained on {len(features)} "
@@ -376,7 +398,8 @@ def read_npz(path: str, target: str | None, features: list[str] | None = None,
         if yarr.dtype.kind in "US":  # a missing value as in a CSV cell ('', 'NA', ...)
             raw = [None if _missing(v) else v.strip() for v in _strings(yarr)]
         else:
-            raw = [str(v) if math.isfinite(v) else None for v in yarr.astype(np.float64)]
+            raw = [str(v) for v in yarr.tolist()] if yarr.dtype.kind in "iu" else \
+                [str(v) if math.isfinite(v) else None for v in yarr.astype(np.float64)]
         if features is None and None in raw:
             raise CLIError(f"--data {path}: missing value in the target {name!r}, row "
                            f"{raw.index(None) + 1}")
@@ -480,6 +503,14 @@ def tabular_job(args: argparse.Namespace) -> Any:
     if fill is not None:
         describe += (f"; {holes} missing value{'s' * (holes != 1)} filled with the training "
                      f"rows' mean of {'its' if holes == 1 else 'their'} feature (--impute mean)")
+    if args.objective is None and text and len(text) <= STRAY_CELLS and n - len(text) >= 10:
+        # a typo ('1.2.3', '-') in a column of numbers: one class per value, silently
+        where = ", ".join(f"{table.y[i]!r} in row {i + 1}" + (
+            f" (line {table.y_lines[i]})" if table.y_lines else "") for i in text)
+        describe += (f" (warning: the target {table.target!r} is numbers but for {where}, "
+                     f"so its values are taken for class labels; fix or drop "
+                     f"{'that row' if len(text) == 1 else 'those rows'}, or give --objective "
+                     f"regression, which refuses such a cell)")
     unseen = sorted(set(y[te].tolist()) - set(y[tr].tolist())) if labels else []
     if unseen:  # rare classes (or an identifier taken for the target): say so, train anyway
         shown = _names([repr(_label(labels[i])) for i in unseen], 5)
