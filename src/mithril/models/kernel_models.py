@@ -48,7 +48,9 @@ class RBFKernel(Operator):
         diff = input1[:, None, :] - input2[None, :, :]
         s = (diff * diff).sum(-1)
         sig, el = sigma.reshape(()), l_scale.reshape(())
-        return (el * el) * xp.exp(s * -0.5 / (sig * sig))
+        # (÷σ twice, not ÷σ²: σ² of σ < 1e-154 is subnormal, which JAX's XLA flushes to 0 (s /
+        # σ / σ too: it rewrites that to s / σ²), a NaN gradient where torch's is 0)
+        return (el * el) * xp.exp(s * (-0.5 / sig) / sig)
 
     @float32_vjp
     def vjp(self, g, out, args, wrt):
@@ -56,9 +58,9 @@ class RBFKernel(Operator):
         el0, sig0 = el.reshape(()), sig.reshape(())
         diff = x1[:, None, :] - x2[None, :, :]
         s = (diff * diff).sum(-1)
-        e = np.exp(s * -0.5 / (sig0 * sig0))
+        e = np.exp(s * -0.5 / sig0 / sig0)
         ge = g * e
-        gs = ge * (el0 * el0) * (-0.5 / (sig0 * sig0))  # d out / d s
+        gs = ge * (el0 * el0) * -0.5 / sig0 / sig0  # d out / d s (0, not 0·inf, at e = 0)
         gdiff = 2 * gs[:, :, None] * diff
         res = {"input1": gdiff.sum(1), "input2": -gdiff.sum(0),
                "l_scale": np.full(el.shape, np.sum(ge) * 2 * el0, dtype=el.dtype),

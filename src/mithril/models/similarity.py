@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .activations import _number
+from .distance_models import _full
 from .half_precision import float32_forward, float32_vjp
 from .margin_losses import _distance, _distance_vjp
 from .operator import (
@@ -64,42 +65,51 @@ class CosineSimilarity(Operator):
         ax = self._axis(len(s))
         return s[:ax] + s[ax + 1:]
 
-    def _norm(self, xp: Any, x: Any, ax: int) -> Any:
-        """max(‖x‖, eps) whose gradient is ‖x‖'s, x/‖x‖ (0 at 0), as torch's (its clamp is
-        not differentiated): the clamped value plus a term of value 0 with that gradient."""
-        sq = xp.sum(x * x, axis=ax, keepdims=True)
+    def _unit(self, xp: Any, x: Any, ax: int) -> Any:
+        """x / max(‖x‖, eps) whose norm's gradient is ‖x‖'s, x/‖x‖ (0 at 0), as torch's (its
+        clamp is not differentiated): the clamped value plus a term of value 0 with that
+        gradient. x is first divided by its largest |x| m, a constant (the result does not
+        change, its gradient neither): ‖x‖ of values near 1e200 overflows float64, where
+        torch's F.cosine_similarity gives 0 and an unscaled NaN."""
+        t = _full(xp)
+        m = stop_gradient(xp, xp.max(t.abs(x), axis=ax, keepdims=True))
+        m = xp.where((m > 0) & (m < math.inf), m, 1.0)  # (0: a zero vector; inf: NaN stays)
+        s = x / m
+        sq = xp.sum(s * s, axis=ax, keepdims=True)
         nz = sq > 0
         r = xp.where(nz, xp.sqrt(xp.where(nz, sq, 1.0)), 0.0)  # (no NaN gradient at 0)
-        return stop_gradient(xp, xp.maximum(r, self.eps)) + (r - stop_gradient(xp, r))
+        return s / (stop_gradient(xp, xp.maximum(r, self.eps / m)) + (r - stop_gradient(xp, r)))
 
     # (a half-precision statistic accumulates in float32, as torch's; on torch too: its CPU
     # half cosine_similarity is 30+ ulps off for inputs of 300, torch.autocast's float32 op)
     @float32_forward(on_torch=True)
     def forward(self, xp: Any, input1: Any, input2: Any) -> Any:
-        F = functional_of(xp)
-        if F is not None:
-            return F.cosine_similarity(input1, input2, self.dim, self.eps)
         ax = self._axis(max(input1.ndim, input2.ndim))
-        a, b = xp.broadcast_arrays(input1, input2)
+        t = _full(xp)  # (torch too: its F.cosine_similarity overflows, see _unit)
+        a, b = (t.broadcast_tensors if t is not xp else xp.broadcast_arrays)(input1, input2)
         if a.ndim == 0:  # two numbers, dim 0 or -1 (as torch): JAX has no axis 0 there
             return self.forward(xp, a.reshape(1), b.reshape(1)).reshape(())
-        return xp.sum((a / self._norm(xp, a, ax)) * (b / self._norm(xp, b, ax)), axis=ax)
+        return xp.sum(self._unit(xp, a, ax) * self._unit(xp, b, ax), axis=ax)
 
     @float32_vjp
     def vjp(self, g, out, args, wrt):
         x1, x2 = args["input1"], args["input2"]
         ax = self._axis(max(x1.ndim, x2.ndim))
         a, b = np.broadcast_arrays(x1, x2)
+        # (each vector scaled by its largest |x| m, as the forward's _unit: n = m·max(r, eps/m))
+        m1, m2 = (np.abs(v).max(ax, keepdims=True) for v in (a, b))
+        m1, m2 = (np.where((m > 0) & (m < np.inf), m, 1.0) for m in (m1, m2))
+        a, b = a / m1, b / m2
         r1, r2 = (np.sqrt((v * v).sum(ax, keepdims=True)) for v in (a, b))
-        n1, n2 = np.maximum(r1, self.eps), np.maximum(r2, self.eps)
+        n1, n2 = np.maximum(r1, self.eps / m1), np.maximum(r2, self.eps / m2)
         g, y = np.expand_dims(g, ax), np.expand_dims(out, ax)
         with np.errstate(divide="ignore", invalid="ignore"):  # x/r: 0 at a zero vector
             u1, u2 = np.where(r1 > 0, a / r1, 0.0), np.where(r2 > 0, b / r2, 0.0)
         res = {}
         if "input1" in wrt:
-            res["input1"] = unbroadcast(g * (b / n2 - y * u1) / n1, x1.shape)
+            res["input1"] = unbroadcast(g * (b / n2 - y * u1) / n1 / m1, x1.shape)
         if "input2" in wrt:
-            res["input2"] = unbroadcast(g * (a / n1 - y * u2) / n2, x2.shape)
+            res["input2"] = unbroadcast(g * (a / n1 - y * u2) / n2 / m2, x2.shape)
         return res
 
     def __repr__(self) -> str:
