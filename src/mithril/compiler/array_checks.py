@@ -94,6 +94,8 @@ def check_array(b: Backend, kind: str, key: str, x: Any, pattern: tuple | None, 
             raise DTypeError(f"{kind} '{key}': expected dtype {b.dtype}, got {_given(orig, b, x)}")
     elif want == "int" and "int" not in b.dtype_name(x):
         raise DTypeError(f"{kind} '{key}': expected an integer dtype, got {_given(orig, b, x)}")
+    elif want == "bool" and b.dtype_name(x) != "bool":  # (IOKey(type=Tensor[bool]))
+        raise DTypeError(f"{kind} '{key}': expected dtype bool, got {_given(orig, b, x)}")
     return x
 
 

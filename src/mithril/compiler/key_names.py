@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 from ..errors import KeyMismatchError
 from ..models.model import IOKey, Model, Terminal, param_keys
 
@@ -58,16 +60,41 @@ def _param_role_name(model: Any, key: Terminal) -> str | None:
 
 
 def key_names(model: Any, keys: Iterable[Any], what: str) -> tuple[Any, ...]:
-    """``key_name`` of each key of a key set (a single name is one key)."""
+    """``key_name`` of each key of a key set (a single name is one key), each once: a key
+    given by name and by object (``["x", model.x]``) is one key."""
     if isinstance(keys, (str, IOKey, Terminal)):
         keys = (keys,)
-    return tuple(key_name(model, k, what) for k in keys)
+    return tuple(dict.fromkeys(key_name(model, k, what) for k in keys))
 
 
 def keyed_by_name(model: Any, mapping: Mapping[Any, Any] | None, what: str) -> dict[Any, Any] | None:
-    """``mapping`` with its keys as ``key_name`` gives them."""
+    """``mapping`` with its keys as ``key_name`` gives them. Two keys naming one connection
+    (``{"x": ..., model.x: ...}``) with different values are a ``KeyMismatchError`` naming
+    both, not the last one silently winning."""
     if mapping is None:
         return None
     if not isinstance(mapping, Mapping):
         raise TypeError(f"compile({what}=...) must be a dict, got {type(mapping).__name__}")
-    return {key_name(model, k, what): v for k, v in mapping.items()}
+    out: dict[Any, Any] = {}
+    given: dict[Any, Any] = {}
+    for k, v in mapping.items():
+        name = key_name(model, k, what)
+        if name in out and not _same_value(out[name], v):
+            vals = f" ({out[name]!r} and {v!r})" if what == "shapes" else ""
+            raise KeyMismatchError(f"compile({what}=...): {given[name]!r} and {k!r} both name "
+                                   f"'{name}', with different values{vals}; give it once")
+        out[name], given[name] = v, given.get(name, k)
+    return out
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` (shapes, constants) are the same value: of one shape and dtype, equal
+    element by element (NaN equal to NaN)."""
+    if a is b:
+        return True
+    try:
+        x, y = np.asarray(a), np.asarray(b)
+        return x.shape == y.shape and x.dtype == y.dtype and \
+            bool(np.array_equal(x, y, equal_nan=x.dtype.kind in "fc"))
+    except (TypeError, ValueError, RuntimeError):
+        return False

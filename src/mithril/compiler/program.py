@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import DTypeError, KeyMismatchError, ShapeError
-from ..models.connection_types import type_name
 from ..models.model import Connection, Model, _as_shape, param_keys
 from ..models.operator import Operator, Shape, broadcast_shapes, fmt, unify
+from .input_kinds import check_float_trainable, consumers_of, input_kind
 from .list_inputs import expand_list_inputs
 from .param_roles import name_param_roles
 
@@ -304,12 +304,13 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
                    if w not in produced and w not in b.consts and top_of.get(w) not in data}
     for name in wire_params.values():
         inputs.pop(name, None)
+    consumers = consumers_of(nodes)
     for key in trainable_keys:
         if key not in inputs or key in prog.constants:
             raise KeyMismatchError(f"compile(trainable_keys=...): '{key}' is not an input; the "
                                    f"inputs are {sorted(k for k in inputs if k not in prog.constants)}")
         w = prog.param_wires[key] = inputs.pop(key)
-        _check_float_trainable(model, key, w, nodes)
+        check_float_trainable(model, key, w, consumers)
         if b.shapes[w] is None or any(d is None for d in b.shapes[w]):
             raise ShapeError(f"trainable input '{key}' needs a known shape, got {fmt(b.shapes[w])}; "
                              "declare it with compile(..., shapes=...)")
@@ -317,18 +318,8 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         prog.param_init[key] = "normal"
 
     _check_int_fed(nodes, b.names)
-    consumers: dict[int, list[tuple[Node, str]]] = {}
-    for node in nodes:
-        for k, w in node.ins.items():
-            consumers.setdefault(w, []).append((node, k))
     for name, w in inputs.items():
-        kinds = {"int" if k in n.op.int_inputs else "any" if k in n.op.any_dtype_inputs else "float"
-                 for n, k in consumers.get(w, [])}
-        if len(kinds - {"any"}) > 1:
-            raise TypeError(f"input '{name}' feeds both integer and float inputs")
-        if kinds == {"any"}:  # (only blocks that move elements: what their outputs feed)
-            kinds = _moved_to(w, consumers)
-        prog.input_kinds[name] = next(iter(kinds - {"any"}), "any" if kinds else "float")
+        prog.input_kinds[name] = input_kind(model, name, w, consumers)
         got = np.asarray(b.consts[w]).dtype if w in b.consts else None
         if got is not None and prog.input_kinds[name] == "int" and got.kind not in "iu":
             raise DTypeError(f"constant '{name}': it feeds integer inputs (indices), so it must "
@@ -454,36 +445,6 @@ def _check_own_name(name: str, what: str, inputs: Mapping[str, int],
         raise KeyMismatchError(f"the {what} '{name}' (named by its path) and the model's {other} "
                                f"'{name}' have one name; rename the {other} (an IOKey name "
                                "without '.', or name the block otherwise: Linear(2, name=...))")
-
-
-def _check_float_trainable(model: Model | Operator, key: str, w: int, nodes: list[Node]) -> None:
-    """A trainable input gets a float array and a gradient: one that feeds an integer input
-    (an ``Embedding`` index) or is declared without float is a ``TypeError``, as torch
-    refuses ``requires_grad`` on an integer tensor."""
-    ints = [f"{n.path}.{k}" for n in nodes for k, v in n.ins.items() if v == w and k in n.op.int_inputs]
-    c = model.conns.get(key) if isinstance(model, Model) else None
-    kinds = None if c is None else c.kinds
-    if ints or (kinds is not None and "float" not in kinds):
-        what = f"feeds the integer input(s) {ints}" if ints else f"is declared {type_name(kinds)}"
-        raise TypeError(f"compile(trainable_keys=...): '{key}' {what}; only a float input is "
-                        "trainable (gets a gradient), as torch's requires_grad")
-
-
-def _moved_to(w: int, consumers: Mapping[int, list[tuple[Node, str]]]) -> set[str]:
-    """The kinds of the inputs that wire ``w`` reaches through blocks that move its elements
-    (``Buffer``, ``Reshape``, an indexer: their output keeps its dtype, see ``output_dtypes``):
-    ``{"float"}`` for an input reshaped into a ``Linear``, so its data takes the float rule
-    on every backend; ``{"any"}`` where it reaches no such input, or inputs of both kinds."""
-    from ..models.primitives import Cast
-
-    kinds: set[str] = set()
-    for n, k in consumers.get(w, []):
-        if k in n.op.int_inputs or k not in n.op.any_dtype_inputs:
-            kinds.add("int" if k in n.op.int_inputs else "float")
-        elif (k == "input" and tuple(n.op.inputs) == ("input",) and not isinstance(n.op, Cast)
-              and getattr(n.op, "output_dtype", None) is None):
-            kinds |= _moved_to(n.out, consumers)
-    return kinds if len(kinds) == 1 else {"any"}
 
 
 def _check_int_fed(nodes: list[Node], names: list[str]) -> None:

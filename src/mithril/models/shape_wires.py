@@ -64,7 +64,12 @@ class ShapeWire:
                                  f"{len(s)} ({fmt(s)})")
             return s[b]
         x, y = (v.evaluate(lookup) if isinstance(v, ShapeWire) else v for v in (a, b))
-        return None if x is None or y is None else int(_OPS[what](x, y))
+        if x is None or y is None:
+            return None
+        if y == 0 and what in ("//", "%"):  # (an empty dimension: not Python's bare error)
+            raise ShapeError(f"{self.text}: {_text(b)} is 0, so {x} {what} 0 is a division by "
+                             "zero")
+        return int(_OPS[what](x, y))
 
     def __repr__(self) -> str:
         return self.text
