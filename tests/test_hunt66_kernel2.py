@@ -5,7 +5,9 @@ with torch autograd on NumPy, torch and JAX:
   gradient as torch's on the same vectors divided by 1e200 (Mithril gave NaN on NumPy and
   JAX and 0 on torch, which is what F.cosine_similarity itself gives there);
 * RBFKernel with σ in (1e-162, 1e-154), σ² subnormal: the input gradients 0 as torch's
-  (NaN on NumPy and JAX: 0·inf, and XLA flushing σ² to 0).
+  (NaN on NumPy and JAX: 0·inf, and XLA flushing σ² to 0);
+* PairwiseDistance with p < 0 and p = -inf, as F.pairwise_distance (Mithril refused them):
+  a zero component gives distance 0 and gradient 0, -inf's ties split the gradient evenly.
 """
 
 from __future__ import annotations
@@ -66,3 +68,22 @@ def test_rbf_kernel_with_subnormal_sigma_squared(backend_name: str, sigma: float
     # (σ's own gradient is torch's NaN there: 0·e/σ³ with σ³ = 0)
     _assert_close({k: grads[k] for k in ("input1", "input2", "l_scale")},
                   {k: wgrad[k] for k in ("input1", "input2", "l_scale")}, backend_name)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("p", [-1.0, -0.5, -2.5, -np.inf])
+def test_pairwise_distance_negative_p(backend_name: str, p: float) -> None:
+    # rows: plain, a zero component (distance 0, gradient 0), all zero, a tie of the
+    # smallest |d| (p = -inf: the gradient split evenly), an inf component (|inf|^p = 0)
+    x1 = np.array([[1.0, -2.0, 3.0], [0.0, 2.0, -1.0], [0.0, 0.0, 0.0], [1.0, -1.0, 2.0],
+                   [np.inf, 1.0, 2.0]])
+    x2 = np.array([[0.5, 0.5, -0.5]])  # (broadcast against x1)
+    x1 = x1 + x2
+    ins = {"input1": x1, "input2": x2}
+    cots = {"output": np.array([1.0, -2.0, 0.5, 1.5, 2.0])}
+    want, wgrad = _torch(lambda t: {"output": F.pairwise_distance(t["input1"], t["input2"], p,
+                                                                  0.0)}, ins, cots)
+    assert want["output"][1] == want["output"][2] == 0.0
+    out, grads = _run(ml.PairwiseDistance(p=p, eps=0.0), ins, cots, backend_name)
+    _assert_close(out, want, backend_name)
+    _assert_close(grads, wgrad, backend_name)

@@ -264,7 +264,7 @@ def test_argument_errors_are_named():
                        (lambda: ml.Threshold(0.0, "1"), "Threshold: value must be"),
                        (lambda: ml.RReLU(0.5, 0.2), "RReLU: need 0 <= lower <= upper"),
                        (lambda: ml.RReLU(-0.1, 0.2), "RReLU: need 0 <= lower <= upper"),
-                       (lambda: ml.PairwiseDistance(p=-1), "PairwiseDistance: p must be"),
+                       (lambda: ml.PairwiseDistance(p=float("nan")), "PairwiseDistance: p must be"),
                        (lambda: ml.PairwiseDistance(keepdim=1), "PairwiseDistance: keepdim must"),
                        (lambda: ml.CosineSimilarity(eps=float("inf")), "CosineSimilarity: eps"),
                        (lambda: ml.Bilinear(3, 0, 2), "Bilinear: in2_features must be"),

@@ -116,24 +116,38 @@ class CosineSimilarity(Operator):
         return f"CosineSimilarity(dim={self.dim}, eps={self.eps})"
 
 
+def _negative_distance(xp: Any, d: Any, p: float) -> Any:
+    """torch's p-"norm" of ``d`` over its last axis for p < 0: (Σ |d|^p)^(1/p), 0 where a
+    component is 0 (|0|^p = inf), inf where all are inf; p = -inf: the smallest |d|."""
+    a = d * xp.sign(d)  # |d| whose gradient is sign(d), 0 at 0 (JAX's abs has 1 there)
+    if math.isinf(p):
+        return xp.min(a, axis=-1)  # (JAX's and NumPy's VJP split ties evenly)
+    pos = a != 0  # (a NaN passes: a NaN distance, as torch)
+    s = xp.sum(xp.where(pos, xp.where(pos, a, 1.0) ** p, 0.0), axis=-1)
+    root = xp.where(s != 0, xp.where(s != 0, s, 1.0) ** (1 / p), math.inf)
+    return xp.where(xp.all(pos, axis=-1), root, 0.0)
+
+
 class PairwiseDistance(Operator):
     """‖x1 − x2 + eps‖_p over the last axis, as ``torch.nn.PairwiseDistance(p=2.0,
     eps=1e-6, keepdim=False)`` / ``F.pairwise_distance`` (the inputs broadcast; ``keepdim``
-    keeps the last axis with size 1). ``p`` >= 0 or ``inf``: p = 0 counts the non-zero
-    differences (gradient 0), p = inf is the largest |difference| (its gradient shared
-    evenly among ties, as torch), otherwise (Σ |d|^p)^(1/p) with gradient
-    sign(d)·|d|^(p−1) / n^(p−1), and 0 where the distance n is 0 or where a component d is 0
-    (torch's masking, also for p < 1 where |0|^(p−1) would be inf): the p-norm and its VJP
-    are ``TripletMarginLoss``'s (:func:`~mithril.models.margin_losses._distance`)."""
+    keeps the last axis with size 1). ``p`` any number, ``inf`` or ``-inf``: p = 0 counts
+    the non-zero differences (gradient 0), p = inf is the largest |difference| and p = -inf
+    the smallest (the gradient shared evenly among ties, as torch), otherwise (Σ |d|^p)^(1/p)
+    with gradient sign(d)·|d|^(p−1) / n^(p−1), and 0 where the distance n is 0 or where a
+    component d is 0 (torch's masking, also for p < 1 where |0|^(p−1) would be inf): the
+    p-norm and its VJP are ``TripletMarginLoss``'s (:func:`~mithril.models.margin_losses.
+    _distance`). For p < 0, as torch's, a zero component makes the distance 0 (|0|^p = inf),
+    with gradient 0 in that whole row."""
 
     inputs = ("input1", "input2")
     vjp_ignores = frozenset({"output"})
 
     def __init__(self, p: float = 2.0, eps: float = 1e-6, keepdim: bool = False) -> None:
         ok = not isinstance(p, (bool, np.bool_)) and isinstance(
-            p, (int, float, np.integer, np.floating)) and (p >= 0 and not math.isnan(p))
-        if not ok:
-            raise ValueError(f"PairwiseDistance: p must be a number >= 0 (or inf), got {p!r}")
+            p, (int, float, np.integer, np.floating)) and not math.isnan(p)
+        if not ok:  # (torch takes any p, p < 0 and -inf included)
+            raise ValueError(f"PairwiseDistance: p must be a number (or ±inf), got {p!r}")
         self.p = float(p)
         self.eps = _number(eps, "PairwiseDistance", "eps")
         if not isinstance(keepdim, (bool, np.bool_)):
@@ -153,7 +167,7 @@ class PairwiseDistance(Operator):
         if self.p == 0:
             # (an inf or NaN difference counts 1, as torch: 0·inf was NaN)
             return xp.sum((d != 0).astype(d.dtype), axis=-1, keepdims=self.keepdim)
-        n = _distance(xp, d, self.p)  # TripletMarginLoss's: torch's gradient at zeros
+        n = _distance(xp, d, self.p) if self.p > 0 else _negative_distance(xp, d, self.p)
         return n[..., None] if self.keepdim else n
 
     @float32_forward  # (a half-precision statistic accumulates in float32, as torch's)
@@ -171,7 +185,9 @@ class PairwiseDistance(Operator):
         if self.p == 0:  # piecewise constant
             gd = np.zeros_like(d)
         else:
-            gd = g * _distance_vjp(d, _distance(np, d, self.p), self.p)
+            n = _distance(np, d, self.p) if self.p > 0 else _negative_distance(np, d, self.p)
+            with np.errstate(divide="ignore", invalid="ignore"):  # (p < 0: 0 where n = 0)
+                gd = g * np.where(n[..., None] != 0, _distance_vjp(d, n, self.p), 0.0)
         res = {}
         if "input1" in wrt:
             res["input1"] = unbroadcast(gd, x1.shape)
