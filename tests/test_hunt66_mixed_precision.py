@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import mithril as ml
-from mithril.backends import JaxBackend, NumpyBackend
+from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
 from mithril.utils.mixed_precision import MixedPrecisionTrainer
 from mithril.utils.optimizers import SGD
 
 HALF = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-BACKENDS = {"numpy": NumpyBackend, "jax": JaxBackend}
+BACKENDS = {"numpy": NumpyBackend, "jax": JaxBackend, "torch": TorchBackend}
 
 
 def _evaluate(block, backend, ins, data, cot=1.0):
@@ -63,12 +63,13 @@ def test_float16_cosine_embedding_loss_sums_squares_in_float32(kind):
         assert np.abs(grads[k] - ref).max() < 2e-2 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("kind", ["numpy", "jax"])
+@pytest.mark.parametrize("kind", ["numpy", "jax", "torch"])
 def test_trainer_steps_a_float16_cosine_embedding_model_as_torch_autocast(kind):
     """A float16 Linear embedding trained with CosineEmbeddingLoss: one SGD step of the
     MixedPrecisionTrainer moves the float32 masters as torch's autocast + GradScaler step
     (the loss in float32) does, to float16 rounding. Before, the NumPy step applied zero
-    gradients and the JAX step was skipped (NaN gradients)."""
+    gradients and the JAX and torch steps were skipped (NaN gradients; torch's float16
+    kernel overflowed |e|²)."""
     rng = np.random.default_rng(1)
     x1, x2 = ((10 * rng.standard_normal((4, 1024))).astype(np.float16) for _ in range(2))
     w = (rng.standard_normal((1024, 1024)) / 32).astype(np.float16).astype(np.float32)
@@ -245,10 +246,9 @@ def test_trainer_leaves_unreached_head_as_torch_amp_adamw(kind):
     when a later step reaches it, its bias correction is a first step's. The trainer gave it
     zero gradients instead: its weights decayed by lr·wd·w on the first step (as a
     TrainStep, which leaves them out, does not). Now as torch's: 2 steps, float32 masters."""
-    from mithril.backends import TorchBackend
     from mithril.utils.optimizers import AdamW
 
-    backend = {**BACKENDS, "torch": TorchBackend}[kind](dtype="float16")
+    backend = BACKENDS[kind](dtype="float16")
     compiled = _two_heads(backend)
     rng = np.random.default_rng(7)
     p0 = {"linear_0.weight": rng.standard_normal((3, 4)), "linear_0.bias": rng.standard_normal(3),
