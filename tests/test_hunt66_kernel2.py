@@ -7,11 +7,17 @@ with torch autograd on NumPy, torch and JAX:
 * RBFKernel with σ in (1e-162, 1e-154), σ² subnormal: the input gradients 0 as torch's
   (NaN on NumPy and JAX: 0·inf, and XLA flushing σ² to 0);
 * PairwiseDistance with p < 0 and p = -inf, as F.pairwise_distance (Mithril refused them):
-  a zero component gives distance 0 and gradient 0, -inf's ties split the gradient evenly.
+  a zero component gives distance 0 and gradient 0, -inf's ties split the gradient evenly;
+* EncoderDistanceMatrix in float16 / bfloat16: computed in float32 and rounded once (D of
+  p = 2 over 1024 features of 10 passed 65504: an inf distance of 320 on every backend),
+  the robust line's cutoff c still the input dtype's smallest normal number.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import half_precision_cases as hp
 import numpy as np
 import pytest
 import torch
@@ -87,3 +93,38 @@ def test_pairwise_distance_negative_p(backend_name: str, p: float) -> None:
     out, grads = _run(ml.PairwiseDistance(p=p, eps=0.0), ins, cots, backend_name)
     _assert_close(out, want, backend_name)
     _assert_close(grads, wgrad, backend_name)
+
+
+def _edm(t: dict, d: dict) -> torch.Tensor:
+    """EncoderDistanceMatrix (robust, final distance) in torch, c float16's smallest normal."""
+    n = t["norm"][0]
+    p = 4.0 * (1.0 - 2.0 * torch.abs(((n - 1.0) % 8) / 8 - 0.5)) + 1.0
+    dist = (torch.abs(t["input1"][:, None] - t["input2"][None]) ** p).sum(-1)
+    c = float(np.finfo(np.float16).tiny)
+    lin = (1 / p < 1 - np.log(c) / torch.log(dist)) & (dist < c)
+    return torch.where(lin, dist / c, dist ** (1 / p))
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("name,scale,norm,features", [
+    ("edm_big", 10.0, 2.0, 1024),  # (D ≈ 1e5 > 65504: inf before)
+    ("edm_line", 0.05, 5.0, 2)])  # (D ≈ 1e-6: the robust line D/c, float16's c)
+def test_encoder_distance_matrix_half(backend_name: str, name: str, scale: float, norm: float,
+                                      features: int) -> None:
+    dtype = "float16"
+    case = hp.Case(lambda: ml.EncoderDistanceMatrix(),
+                   {"input1": ((5, features), scale, 0.0), "input2": ((6, features), scale, 0.0),
+                    "norm": ((1,), 0.0, norm)}, _edm)
+    ins = hp.values(name, case, dtype)
+    cot = np.random.default_rng(7).standard_normal((5, 6)).astype(np.float16).astype(np.float64)
+    want, want_grads = hp.run_torch(case, ins, cot, torch.float64)
+    assert np.isfinite(want).all()
+    if name == "edm_line":
+        assert (want < 1).all() and (want > 1e-3).any()  # (the line: D^(1/p) would be ~0.06)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y, grads, dtypes = hp.run_mithril(case, ins, cot, backend_name, dtype)
+    assert dtypes == {dtype}
+    assert hp.ulps(y, want, dtype) <= 1, (y, want)
+    for k, g in grads.items():
+        assert hp.ulps(g, want_grads[k], dtype, at=np.abs(want_grads[k]).max()) <= 2, k

@@ -111,7 +111,12 @@ class MDS(Model):
     with those of ``input``: the distance matrix itself (``input_type="distances"``, exact
     distances), its p-th powers (``"powered_distances"``), or points (``"points"``: their
     powered distances are computed as the coords'). Outputs ``output`` (the stress) and
-    ``predicted_coords`` (``coords`` as is)."""
+    ``predicted_coords`` (``coords`` as is).
+
+    In float16 / bfloat16 each EncoderDistanceMatrix computes in float32, but its powered
+    distances Σ|d|^p pass between the blocks in the model's dtype: one above float16's 65504
+    (p = 2 over 1024 features of 10, ``"points"``) is inf there, and so is the stress; no
+    rounding can hold it, so train such data in float32."""
 
     def __init__(self, prediction_dim: int, input_type: str = "distances") -> None:
         super().__init__()
