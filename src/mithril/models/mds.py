@@ -115,7 +115,7 @@ class MDS(Model):
 
     In float16 / bfloat16 each EncoderDistanceMatrix computes in float32, but its powered
     distances Σ|d|^p pass between the blocks in the model's dtype: one above float16's 65504
-    (p = 2 over 1024 features of 10, ``"points"``) is inf there, and so is the stress; no
+    (p = 2 over 1024 features of 10, ``"points"``) is inf there and the stress NaN; no
     rounding can hold it, so train such data in float32."""
 
     def __init__(self, prediction_dim: int, input_type: str = "distances") -> None:
