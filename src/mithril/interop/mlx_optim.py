@@ -161,6 +161,7 @@ class MlxOptimizer(optim.Optimizer):
         self.mithril_state: Any = None
         self._params: dict[str, np.ndarray] | None = None  # what mithril returned last
         self._returned: dict[str, mx.array] = {}  # ... and what this wrapper made of it
+        self._shape: Any = None  # the user's tree of the last step that named every parameter
         self._peak = abs(float(optimizer.learning_rate or 0.0))  # (the largest rate seen)
         self.learning_rate = optimizer.learning_rate if learning_rate is None else learning_rate
         # (the state's rate and the mithril optimizer's when they last agreed: a rate changed
@@ -297,11 +298,14 @@ class MlxOptimizer(optim.Optimizer):
         self._peak = max(self._peak, lr)
         # (copies: mithril overwrites its buffer at the next step)
         self._returned = {n: mx.array(new[n], dtype=params_mx[n].dtype) for n in out_names}
-        if gradients is None:
-            return tree_unflatten(list(self._returned.items())) if out_names else {}
         # (the gradients' very structure, as MLX's tree_map: tuples stay tuples, a dict with
         # keys "0", "1" stays a dict)
-        tree = gradients.parameters() if isinstance(gradients, nn.Module) else gradients
+        tree = (None if gradients is None else
+                gradients.parameters() if isinstance(gradients, nn.Module) else gradients)
+        if tree is not None and len(grads_mx) == len(names):
+            self._shape = tree  # (ema_params() & co. give their trees this structure)
+        if tree is None:
+            return tree_unflatten(list(self._returned.items())) if out_names else {}
         return tree_map_with_path(lambda n, _: self._returned[n], tree)
 
     # -- the optimizer's other parameter sets, as MLX trees -------------------------------
@@ -328,8 +332,12 @@ class MlxOptimizer(optim.Optimizer):
         if self.mithril_state is None:
             raise ValueError("no step yet: the optimizer holds no parameters")
         dtype = getattr(mx, self.mithril_state.layout.dtype)
-        got = get(self.mithril_optimizer, self.mithril_state)
-        return tree_unflatten([(n, mx.array(v, dtype=dtype)) for n, v in got.items()])
+        got = {n: mx.array(v, dtype=dtype)
+               for n, v in get(self.mithril_optimizer, self.mithril_state).items()}
+        if self._shape is not None and {n for n, _ in tree_flatten(self._shape)} == set(got):
+            # (the parameters' own structure: tuples stay tuples, digit-keyed dicts dicts)
+            return tree_map_with_path(lambda n, _: got[n], self._shape)
+        return tree_unflatten(list(got.items()))
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
