@@ -278,6 +278,28 @@ def _replay(run: Any, steps: list[dict[str, Any]], epochs: list[dict[str, Any]],
             run.schedule.after_epoch(ends[row["step"]]["batch_loss"])
 
 
+def _check_epochs(run: Any, epochs: list[dict[str, Any]], flag: str, charlm: bool) -> None:
+    """Each epoch the run logged must have the steps this command gives it: a charlm run
+    whose --steps ended it inside an --eval-every period measured a shorter last "epoch",
+    which a longer run does not have (resumed, it would train another whole period after
+    it: fewer steps than --steps, and another run)."""
+    done = 0
+    for row in epochs:
+        had, want = row["step"] - done, run.batches.steps(row["epoch"])
+        done = row["step"]
+        if had == want:
+            continue
+        if charlm:
+            raise CLIError(f"{flag}: the run stopped at step {done} (its --steps), inside an "
+                           f"--eval-every {run.cfg.task_settings.get('eval_every')} period, "
+                           f"and was measured there: it cannot be continued to --steps "
+                           f"{run.cfg.task_settings.get('steps')} as the run that did not "
+                           f"stop; train that run from the start (a run whose --steps is a "
+                           f"multiple of --eval-every can be resumed further)")
+        raise CLIError(f"{flag}: the run's epoch {row['epoch']} had {had} steps, this "
+                       f"command's has {want}: the two runs differ")
+
+
 def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume",
             done_ok: bool = False) -> str:
     """Check that ``run`` (built from the resumed flags) continues the checkpointed run and
@@ -301,8 +323,11 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume",
                        + "): a run continues on its own data")
     pos = extra["position"]
     epoch, batch = int(pos["epoch"]), int(pos["batch"])
+    charlm = run.cfg.task == "charlm"  # (its budget is --steps, an "epoch" --eval-every)
     if epoch > run.cfg.epochs and not done_ok:
-        raise CLIError(f"{flag}: the run has done its {epoch - 1} epochs; give a larger "
+        raise CLIError(f"{flag}: the run has done its {extra['steps']} steps; give a larger "
+                       f"--steps to train it further" if charlm else
+                       f"{flag}: the run has done its {epoch - 1} epochs; give a larger "
                        f"--epochs to train it further")
     if run.total_steps < extra["steps"]:  # (more than its epochs: not a valid record)
         raise CLIError(f"{flag}: the checkpoint is at step {extra['steps']}, beyond --epochs "
@@ -310,6 +335,7 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume",
     folder = Path(ckpt["path"]).parent
     steps = _read_log(folder / "metrics.csv", extra["steps"])
     epochs = _read_log(folder / "epochs.csv", extra["epochs"])
+    _check_epochs(run, epochs, flag, charlm)
     _replay(run, steps, epochs, flag, saved["epochs"])
     if epochs and epochs[-1]["step"] == len(steps):
         # the rate after the last epoch: the one the next step takes in the longer run (the
