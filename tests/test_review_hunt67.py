@@ -28,3 +28,26 @@ def test_mlx_ema_and_eval_params_keep_the_parameters_tree() -> None:
             *((opt.mithril_state,) if get == "ema_params" else (opt.mithril_state, opt._params)))
         np.testing.assert_array_equal(np.asarray(got["layers"][1]["w"]), want["layers.1.w"])
         np.testing.assert_array_equal(np.asarray(got["d"]["0"]), want["d.0"])
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("p", [-1.0, -2.5, -np.inf])
+def test_pairwise_distance_negative_p_nan_beats_zero(backend_name: str, p: float) -> None:
+    """A row of ``x1 − x2`` holding both a NaN and a 0 has distance NaN for p < 0, as
+    ``F.pairwise_distance`` (the zero made it 0 on every backend)."""
+    import torch.nn.functional as F
+    from test_hunt66_kernel_models import _run, _torch
+
+    import mithril as ml
+
+    x1 = np.array([[np.nan, 0.0, 2.0], [1.0, 0.0, 3.0], [np.nan, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    x2 = np.zeros((1, 3))
+    ins = {"input1": x1, "input2": x2}
+    cots = {"output": np.array([1.0, -2.0, 0.5, 1.5])}
+    want, wgrad = _torch(lambda t: {"output": F.pairwise_distance(t["input1"], t["input2"], p,
+                                                                  0.0)}, ins, cots)
+    assert np.isnan(want["output"][0]) and want["output"][1] == 0.0
+    out, grads = _run(ml.PairwiseDistance(p=p, eps=0.0), ins, cots, backend_name)
+    np.testing.assert_allclose(out["output"], want["output"], rtol=1e-12, equal_nan=True)
+    # the gradient of the rows without a NaN as torch's (torch's NaN rows: NaN or 0 per entry)
+    np.testing.assert_allclose(grads["input1"][[1, 3]], wgrad["input1"][[1, 3]], rtol=1e-12)

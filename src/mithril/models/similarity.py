@@ -125,7 +125,8 @@ def _negative_distance(xp: Any, d: Any, p: float) -> Any:
     pos = a != 0  # (a NaN passes: a NaN distance, as torch)
     s = xp.sum(xp.where(pos, xp.where(pos, a, 1.0) ** p, 0.0), axis=-1)
     root = xp.where(s != 0, xp.where(s != 0, s, 1.0) ** (1 / p), math.inf)
-    return xp.where(xp.all(pos, axis=-1), root, 0.0)
+    # (a NaN in the row wins over a 0, as torch's)
+    return xp.where(xp.all(pos, axis=-1) | xp.any(a != a, axis=-1), root, 0.0)
 
 
 class PairwiseDistance(Operator):
