@@ -9,6 +9,7 @@ from pathlib import Path
 
 import conftest
 import numpy as np
+import pytest
 
 from mithril.cli import main
 from mithril.utils.checkpoint import load_checkpoint
@@ -67,3 +68,34 @@ def test_a_finished_charlm_run_resumed_as_it_is_asks_for_more_steps_not_epochs(t
     err = usage_error(capsys, ["train", "--resume", str(tmp_path / "lm")])
     assert "the run has done its 2 steps; give a larger --steps" in err
     assert "--epochs" not in err  # (--epochs is refused for charlm)
+
+
+# -- charlm sampling ----------------------------------------------------------------------------
+def test_a_diverged_charlm_run_writes_its_files_and_a_cut_sample(tmp_path, capsys):
+    """A run whose weights went NaN (the default --nonfinite propagate) crashed at the end
+    with numpy's "Probabilities contain NaN" traceback, its files never written; now it
+    writes them, as a diverged digits run does, and says why the sample stops."""
+    base = charlm(tmp_path)
+    out = tmp_path / "div"
+    argv = [*base, "--steps", "4", "--optimizer", "sgd", "--lr", "1e38", "--sample-chars", "5",
+            "--out", str(out)]
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert main(argv) == 0
+    assert "sampling stopped after 0 characters" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["test_loss"] == "nan" and summary["sample"] == ""  # (JSON: text)
+    assert (out / "sample.txt").read_text() == "\n"
+
+
+def test_a_tiny_temperature_samples_the_likeliest_characters(tmp_path, capsys):
+    """--temperature 1e-310 (positive, finite: accepted) made logits / T overflow to inf and
+    inf - inf NaN: the same traceback after training. As T -> 0 sampling is the argmax: the
+    same characters as at 1e-30."""
+    base = charlm(tmp_path)
+    got = []
+    for t in ("1e-30", "1e-310"):
+        out = tmp_path / t
+        assert main([*base, "--steps", "2", "--sample-chars", "8", "--temperature", t,
+                     "--out", str(out)]) == 0
+        got.append(json.loads((out / "summary.json").read_text())["sample"])
+    assert len(got[0]) == 8 and got[0] == got[1]

@@ -74,23 +74,28 @@ class RandomWindows:
 
 
 def sample(run: Any, prompt: np.ndarray, chars: int, temperature: float, seed: int,
-           alphabet: list[str]) -> str:
+           alphabet: list[str]) -> tuple[str, str]:
     """``chars`` characters drawn one at a time from the model's distribution (divided by
-    ``temperature``), each conditioned on the last ``context`` characters."""
+    ``temperature``; a tiny one picks the likeliest), each conditioned on the last
+    ``context`` characters; and a note, empty unless the model's logits stopped being finite
+    (a diverged run), which ends the sample there."""
     rng = np.random.default_rng(seed)
     window = prompt.copy()
     params = run.eval_params()
     target = np.zeros((1, len(window)), dtype=np.int64)
-    out = []
+    out: list[str] = []
     for _ in range(chars):
         logits = run.predict(params, window[None], target)["logits"][0, -1].astype(np.float64)
-        z = logits / temperature
-        p = np.exp(z - z.max())
+        if not np.isfinite(logits).all():
+            return "".join(out), (f"(sampling stopped after {len(out)} characters: the model's "
+                                  f"logits are inf or NaN, a diverged run)")
+        with np.errstate(over="ignore"):  # (≤ 0: a tiny temperature gives 0 and -inf)
+            p = np.exp((logits - logits.max()) / temperature)
         p /= p.sum()
         c = int(rng.choice(len(p), p=p))
         out.append(alphabet[c])
         window = np.concatenate([window[1:], [c]])
-    return "".join(out)
+    return "".join(out), ""
 
 
 def charlm_job(args: argparse.Namespace) -> Any:
@@ -138,12 +143,12 @@ def charlm_job(args: argparse.Namespace) -> Any:
         extra = {"bits_per_char": f["test_bpc"], "train_bits_per_char": f["train_bpc"]}
         if not args.sample_chars:
             return extra, ""
-        state["sample"] = sample(run, prompt, args.sample_chars, args.temperature, args.seed,
-                                 alphabet)
+        state["sample"], note = sample(run, prompt, args.sample_chars, args.temperature,
+                                       args.seed, alphabet)
         extra["sample"] = state["sample"]
         head = "".join(alphabet[i] for i in prompt[-60:])
         return extra, (f"sample (temperature {args.temperature:g}) after the held-out text "
-                       f"...{head!r}:\n\n{state['sample']}\n")
+                       f"...{head!r}:\n\n{state['sample']}\n" + (f"{note}\n" if note else ""))
 
     def write(run: Any, folder: Path) -> list[Path]:
         if "sample" not in state:
