@@ -51,3 +51,32 @@ def test_pairwise_distance_negative_p_nan_beats_zero(backend_name: str, p: float
     np.testing.assert_allclose(out["output"], want["output"], rtol=1e-12, equal_nan=True)
     # the gradient of the rows without a NaN as torch's (torch's NaN rows: NaN or 0 per entry)
     np.testing.assert_allclose(grads["input1"][[1, 3]], wgrad["input1"][[1, 3]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+def test_a_multi_kind_input_feeding_only_a_buffer_takes_its_declared_kinds(
+        backend_name: str) -> None:
+    """``IOKey("x", type=Tensor[int | bool])`` read only by a Buffer took float data and
+    passed it on (a single kind was enforced, several were not): now int and bool data pass,
+    float data is a DTypeError naming the input, as the declaration says."""
+    import mithril as ml
+    from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+    from mithril.models import Buffer, IOKey, Model
+
+    b = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[backend_name](
+        dtype="float64")
+    m = Model()
+    m |= Buffer().connect(input=IOKey("x", type=ml.Tensor[int | bool]), output="y")
+    c = ml.compile(m, b, shapes={"x": [3]})
+    with pytest.raises(ml.DTypeError, match="input 'x': expected a bool or int dtype, got float64"):
+        c.evaluate({}, {"x": np.array([1.5, 2.0, 3.0])})
+    for x in (np.array([3, -1, 7]), np.array([True, False, True])):
+        out = c.evaluate({}, {"x": b.array(x, b.int_dtype if x.dtype != bool else "bool")})
+        np.testing.assert_array_equal(np.asarray(out["y"]), x)
+    both = Model()
+    both |= Buffer().connect(input=IOKey("x", type=ml.Tensor[int | float]), output="y")
+    c = ml.compile(both, b, shapes={"x": [2]})
+    with pytest.raises(ml.DTypeError, match="input 'x': expected a float or int dtype, got bool"):
+        c.evaluate({}, {"x": np.array([True, False])})
+    np.testing.assert_array_equal(np.asarray(c.evaluate({}, {"x": np.array([1.5, 2.0])})["y"]),
+                                  [1.5, 2.0])

@@ -96,6 +96,12 @@ def check_array(b: Backend, kind: str, key: str, x: Any, pattern: tuple | None, 
         raise DTypeError(f"{kind} '{key}': expected an integer dtype, got {_given(orig, b, x)}")
     elif want == "bool" and b.dtype_name(x) != "bool":  # (IOKey(type=Tensor[bool]))
         raise DTypeError(f"{kind} '{key}': expected dtype bool, got {_given(orig, b, x)}")
+    elif "|" in want:  # (IOKey(type=Tensor[int | bool]) read by blocks taking any kind)
+        name = b.dtype_name(x)
+        own = "bool" if name == "bool" else "int" if "int" in name else "float"
+        if own not in want.split("|"):
+            raise DTypeError(f"{kind} '{key}': expected a {' or '.join(want.split('|'))} "
+                             f"dtype, got {_given(orig, b, x)}")
     return x
 
 

@@ -94,8 +94,8 @@ def input_kind(model: Model | Operator, name: str, w: int, consumers: Consumers)
     declared = declared_kinds(model, name)
     if declared is None:
         return kind
-    if kind == "any":
-        return next(iter(declared)) if len(declared) == 1 else kind
+    if kind == "any":  # ("int|bool" for Tensor[int | bool]: data of another kind refused)
+        return "|".join(sorted(declared))
     if moved and kind not in declared:
         raise TypeError(f"input '{name}' is declared {type_name(declared)}, but it reaches "
                         f"{kind} inputs through blocks that move its elements (a Reshape, a "
