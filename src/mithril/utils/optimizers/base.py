@@ -271,9 +271,15 @@ class Optimizer(HyperparameterAccessMixin, GroupsMixin, AveragingMixin, StateDic
     def slot_dtypes(self, dtype: str) -> dict[str, str]:
         """The slots kept in a dtype of their own for parameters of ``dtype``, name -> dtype
         name: optax's ``mu_dtype`` (``{"m": "bfloat16"}``), where it differs from ``dtype``
-        (such a state takes the per-tensor array engine; empty: the fused engines)."""
+        or where the step is optax's ``mu_dtype`` order, which only the per-tensor array
+        engine runs (``mu_dtype="float32"`` for float32 parameters: numba cannot compile
+        it, and the jitted JAX engine ran it without moving the parameters); such a state
+        takes the per-tensor array engine; empty: the fused engines."""
         mu = getattr(self, "mu_dtype", None)
-        return {"m": mu} if mu is not None and mu != dtype and "m" in self.slot_names() else {}
+        if mu is None or "m" not in self.slot_names():
+            return {}
+        return {"m": mu} if mu != dtype or getattr(self.kernel_math(), "array_only", False) \
+            else {}
 
     def scalars(self, step: int) -> tuple[float, ...]:
         """Per-step scalars passed to :meth:`math` after the slots (``step`` is 1-based).
