@@ -56,6 +56,7 @@ import numpy as np
 
 from ..errors import CheckpointError, DTypeError, KeyMismatchError, ShapeError
 from . import checkpoint_accumulate as accumulate
+from . import checkpoint_io
 from .accumulation import Accumulate
 from .checkpoint_format import (
     FORMAT,
@@ -589,6 +590,8 @@ class CheckpointManager:
                 os.remove(self.path(s))
             except FileNotFoundError:  # (removed by hand, or by another manager)
                 pass
+        # (a killed save's temporary file, of any step: a resumed run may not save that step)
+        checkpoint_io.remove_stale_temporaries(self.folder, self.path(step), self._pattern.fullmatch)
         return self.path(step)
 
 

@@ -55,7 +55,7 @@ import secrets
 import socket
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -214,11 +214,14 @@ def _stem(target: str) -> str:
     return stem
 
 
-def remove_stale_temporaries(folder: str, target: str) -> list[str]:
+def remove_stale_temporaries(folder: str, target: str,
+                             also: Callable[[str], bool] | None = None) -> list[str]:
     """Remove the stale temporary files of earlier saves to ``target`` in ``folder`` (the rule
-    is in the module docstring); returns the names removed."""
+    is in the module docstring), and to every target whose name ``also`` accepts (a
+    :class:`~mithril.utils.checkpoint.CheckpointManager`'s other steps); returns the names
+    removed."""
     stem, host = _stem(target), _host_tag()
-    pattern = re.compile(rf"\.ckpt-{re.escape(stem)}-([0-9a-f]{{8}})-([0-9]+)-[0-9a-f]+\.tmp")
+    pattern = re.compile(r"\.ckpt-(.+)-([0-9a-f]{8})-([0-9]+)-[0-9a-f]+\.tmp")
     removed = []
     try:
         names = os.listdir(folder)
@@ -226,9 +229,10 @@ def remove_stale_temporaries(folder: str, target: str) -> list[str]:
         return removed
     for name in names:
         m = pattern.fullmatch(name)
-        if m is None or m.group(1) != host:
+        if m is None or m.group(2) != host or not (
+                m.group(1) == stem or also is not None and also(m.group(1))):
             continue
-        full, pid = os.path.join(folder, name), int(m.group(2))
+        full, pid = os.path.join(folder, name), int(m.group(3))
         with _active_lock:
             if full in _active:
                 continue

@@ -1,0 +1,84 @@
+"""Checkpoints and resume, second pass (hunt 67): killed saves, refusals, odd folders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from mithril.utils.checkpoint import CheckpointManager, load_checkpoint
+from mithril.utils.checkpoint_io import _host_tag
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_manager_removes_a_killed_saves_temporary_of_another_step(tmp_path) -> None:
+    """A save killed mid-write leaves its temporary file ``.ckpt-ckpt-00000003...tmp``; the
+    manager's next save removed only those of the step it wrote, so a resumed run that saved
+    other steps (another interval, a step its rotation did not keep) kept every killed save's
+    temporary, each as large as a checkpoint, for good."""
+    manager = CheckpointManager(tmp_path, max_to_keep=2)
+    manager.save(2, {"w": np.arange(4.0)})
+    host, dead = _host_tag(), _dead_pid()
+    stale = [f".ckpt-ckpt-00000003.safetensors-{host}-{dead}-0a1b2c.tmp",
+             f".ckpt-ckpt-00000009.safetensors-{host}-{dead}-ffee.tmp"]
+    kept = [f".ckpt-ckpt-00000004.safetensors-{host}-{os.getppid()}-0a1b.tmp",  # a live one
+            f".ckpt-ckpt-00000005.safetensors-0000beef-{dead}-0a1b.tmp",  # another host's
+            f".ckpt-other-00000003.safetensors-{host}-{dead}-0a1b.tmp",  # not the manager's
+            f".ckpt-run.safetensors-{host}-{dead}-0a1b.tmp", "notes.txt"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    assert manager.save(5, {"w": np.arange(4.0) + 5}) == manager.path(5)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["ckpt-00000002.safetensors",
+                                                         "ckpt-00000005.safetensors"])
+    np.testing.assert_array_equal(load_checkpoint(manager.latest())["params"]["w"],
+                                  np.arange(4.0) + 5)
+
+
+MANAGER_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from mithril.utils.checkpoint import CheckpointManager
+    folder, i = sys.argv[1], int(sys.argv[2])
+    manager = CheckpointManager(folder, max_to_keep=2)
+    w = np.arange(1_000_000, dtype=np.float64)
+    while True:
+        i += 1
+        manager.save(i, {"w": w + i}, extra={"i": i})
+        print(i, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_manager_saves_killed_at_random_leave_a_checkpoint_and_no_temporaries(tmp_path) -> None:
+    """SIGKILL at random moments of a manager's saves, each run resumed at a later step than
+    the killed one was writing: the latest checkpoint always loads whole, and after the next
+    completed save no temporary file is left."""
+    rng, last = np.random.default_rng(0), 0
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for _ in range(12):
+        child = subprocess.Popen([sys.executable, "-c", MANAGER_CHILD, str(tmp_path),
+                                  str(last)], stdout=subprocess.PIPE, text=True, env=env)
+        assert child.stdout.readline().strip() == str(last + 1)
+        time.sleep(float(rng.uniform(0, 0.3)))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        manager = CheckpointManager(tmp_path, max_to_keep=2)
+        ck = load_checkpoint(manager.latest())
+        i = ck["extra"]["i"]
+        np.testing.assert_array_equal(ck["params"]["w"], np.arange(1_000_000.0) + i)
+        last = i + 3  # the resumed run saves other steps
+        manager.save(last, {"w": np.arange(1_000_000.0) + last}, extra={"i": last})
+        assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+        assert len(os.listdir(tmp_path)) == 2
