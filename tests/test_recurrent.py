@@ -282,7 +282,7 @@ def test_bad_arguments_are_named(make, match):
     (lambda: ml.GRU(3, initial_states=True), {"input": [7, 2, 4], "initial_hidden": [1, 2, 4]},
      r"'initial_hidden' must be \(N, 3\) .*got shape \[1, 2, 4\]"),
     (lambda: ml.LSTM(3, initial_states=True), {"input": [7, 2, 4], "initial_cell": [1, 3, 3]},
-     r"'initial_cell' must be \(N, 3\) .*with N the batch of 'input' \[7, 2, 4\], got shape \[1, 3, 3\]"),
+     r"'initial_cell' must be \(N, 3\) .*with N = 2 the batch of 'input' \(\[7, 2, 4\] in time-major .*got shape \[1, 3, 3\]"),
     (lambda: ml.GRUCell(3), {"input": [5, 4], "prev_hidden": [2, 3]},
      r"'prev_hidden' must be \(N, 3\) with N the batch"),
 ])

@@ -372,7 +372,7 @@ def test_dropout_with_one_layer_warns_as_torch():
      r"'initial_hidden' must be \(N, 5\) per layer and direction, \(4, N, 5\) .*got shape \[2, 3, 5\]"),
     (lambda: ml.GRU(5, num_layers=2, initial_states=True),
      {"input": [7, 3, 4], "initial_hidden": [2, 4, 5]},
-     r"'initial_hidden' must be .* with N the batch of 'input' \[7, 3, 4\], got shape \[2, 4, 5\]"),
+     r"'initial_hidden' must be .* with N = 3 the batch of 'input' \(\[7, 3, 4\] in time-major .*got shape \[2, 4, 5\]"),
     (lambda: ml.LSTM(5, num_layers=2, initial_states=True),
      {"input": [7, 3, 4], "initial_hidden": [2, 3, 5], "initial_cell": [2, 3, 6]},
      r"'initial_cell' must be \(N, 5\) .*got shape \[2, 3, 6\]"),

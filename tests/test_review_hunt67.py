@@ -80,3 +80,26 @@ def test_a_multi_kind_input_feeding_only_a_buffer_takes_its_declared_kinds(
         c.evaluate({}, {"x": np.array([True, False])})
     np.testing.assert_array_equal(np.asarray(c.evaluate({}, {"x": np.array([1.5, 2.0])})["y"]),
                                   [1.5, 2.0])
+
+
+def test_recurrent_state_shape_error_names_the_batch_of_a_batch_first_input() -> None:
+    """A wrong ``initial_hidden`` for a ``batch_first`` LSTM named the layer's time-major
+    input shape ([5, 2, 3] for the user's (2, 5, 3)) as "the batch of 'input'"; the message
+    now gives N itself and says the shape shown is time-major. torch refuses the same."""
+    import torch
+
+    import mithril as ml
+    from mithril.backends import NumpyBackend
+    from mithril.models import LSTM, Model
+
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 4\)"):
+        torch.nn.LSTM(3, 4, batch_first=True)(torch.zeros(2, 5, 3),
+                                               (torch.zeros(1, 3, 4), torch.zeros(1, 2, 4)))
+    m = Model()
+    m |= LSTM(4, batch_first=True, initial_states=True)(
+        input="x", initial_hidden="h0", initial_cell="c0", output="y")
+    with pytest.raises(ml.ShapeError, match=r"'initial_hidden' must be \(N, 4\) .*with N = 2 "
+                       r"the batch of 'input' \(\[5, 2, 3\] in time-major \(T, N, I\) order\), "
+                       r"got shape \[1, 3, 4\]"):
+        ml.compile(m, NumpyBackend(dtype="float64"),
+                   shapes={"x": [2, 5, 3], "h0": [1, 3, 4], "c0": [1, 2, 4]})

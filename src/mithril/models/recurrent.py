@@ -188,12 +188,15 @@ class Recurrence(Operator):
                 want = f"({h},)" if k is None else f"({k}, {h}) (num_layers · num_directions = {k})"
                 raise ShapeError(f"{who}: '{name}' must be {want} for the unbatched 'input' "
                                  f"{fmt(s)}, got shape {fmt(hs)}")
+            # (a layer's s is time-major, a batch_first input's axes swapped: name N itself)
+            batch = f"N the batch of 'input' {fmt(s)}" if self.cell or n is None else \
+                f"N = {n} the batch of 'input' ({fmt(s)} in time-major (T, N, I) order)"
             if k is None:
-                raise ShapeError(f"{who}: '{name}' must be (N, {h}) with N the batch of 'input' "
-                                 f"{fmt(s)}, got shape {fmt(hs)}")
+                raise ShapeError(f"{who}: '{name}' must be (N, {h}) with {batch}, got shape "
+                                 f"{fmt(hs)}")
             raise ShapeError(f"{who}: '{name}' must be (N, {h}) per layer and direction, ({k}, N, "
-                             f"{h}) in all (num_layers · num_directions = {k}), with N the batch "
-                             f"of 'input' {fmt(s)}, got shape {fmt(hs)}")
+                             f"{h}) in all (num_layers · num_directions = {k}), with {batch}, "
+                             f"got shape {fmt(hs)}")
         return None if s is None else s[-1]
 
     def param_shapes(self, shapes):
