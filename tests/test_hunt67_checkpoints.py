@@ -82,3 +82,74 @@ def test_manager_saves_killed_at_random_leave_a_checkpoint_and_no_temporaries(tm
         manager.save(last, {"w": np.arange(1_000_000.0) + last}, extra={"i": last})
         assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
         assert len(os.listdir(tmp_path)) == 2
+
+
+def test_save_sharded_removes_a_killed_saves_temporary(tmp_path) -> None:
+    """save_sharded writes each shard as ``shard-…safetensors.pending-<save id>`` through a
+    temporary file; one killed while writing it left ``.ckpt-shard-…pending-<id>-…tmp`` (a
+    whole shard's size), which no later save removed: each save has a new id, and rank 0's
+    clean-up looked only at ``shard-*`` names."""
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+    from mithril.utils.optimizers import Adam
+
+    host, dead = _host_tag(), _dead_pid()
+    stale = f".ckpt-shard-00000-of-00001.safetensors.pending-0123abcd-{host}-{dead}-9f.tmp"
+    kept = [f".ckpt-shard-00000-of-00001.safetensors.pending-0123abcd-{host}-"
+            f"{os.getppid()}-9f.tmp",  # a live process's
+            f".ckpt-shard-00000-of-00001.safetensors.pending-0123abcd-0000beef-{dead}-9f.tmp",
+            f".ckpt-run.safetensors-{host}-{dead}-0a1b.tmp"]
+    for name in [stale, *kept]:
+        (tmp_path / name).write_bytes(b"partial")
+    dp = DataParallel(Adam(0.1))
+    params = {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3)}
+    state = dp.init(params)
+    params, state = dp.update(params, {"w": np.ones((2, 3)), "b": np.full(3, 0.5)}, state)
+    save_sharded(tmp_path, params, dp, state)
+    assert sorted(os.listdir(tmp_path)) == sorted([*kept, "shard-00000-of-00001.safetensors"])
+    loaded, _ = load_sharded(tmp_path, DataParallel(Adam(0.1)))
+    for k, v in params.items():
+        np.testing.assert_array_equal(loaded[k], v)
+
+
+SHARDED_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from mithril.distributed import DataParallel, save_sharded
+    from mithril.utils.optimizers import Adam
+    folder, i = sys.argv[1], int(sys.argv[2])
+    dp = DataParallel(Adam(0.1))
+    w = np.arange(1_000_000, dtype=np.float64)
+    state = dp.init({"w": w, "b": np.ones(3)})
+    while True:
+        i += 1
+        save_sharded(folder, {"w": w + i, "b": np.full(3, float(i))}, dp, state)
+        print(i, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_save_sharded_killed_at_random_leaves_a_checkpoint_and_no_temporaries(tmp_path) -> None:
+    """SIGKILL at random moments of save_sharded: the folder always loads, whole, as one of
+    the saves, and the next completed save leaves only its shard."""
+    from mithril.distributed import DataParallel, load_sharded
+    from mithril.utils.optimizers import Adam
+
+    rng, last = np.random.default_rng(1), 0
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for _ in range(10):
+        child = subprocess.Popen([sys.executable, "-c", SHARDED_CHILD, str(tmp_path),
+                                  str(last)], stdout=subprocess.PIPE, text=True, env=env)
+        assert child.stdout.readline().strip() == str(last + 1)
+        time.sleep(float(rng.uniform(0, 0.3)))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        loaded, _ = load_sharded(tmp_path, DataParallel(Adam(0.1)))
+        i = int(loaded["b"][0])
+        np.testing.assert_array_equal(loaded["w"], np.arange(1_000_000.0) + i)
+        np.testing.assert_array_equal(loaded["b"], np.full(3, float(i)))
+        done = subprocess.run([sys.executable, "-c", SHARDED_CHILD.replace(
+            "while True:", "for _ in range(1):"), str(tmp_path), str(i)], env=env,
+            capture_output=True, text=True, check=True)
+        last = int(done.stdout.split()[-1])
+        assert os.listdir(tmp_path) == ["shard-00000-of-00001.safetensors"]

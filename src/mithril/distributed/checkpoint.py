@@ -35,7 +35,14 @@ from ..utils.checkpoint_format import (
     to_numpy,
 )
 from ..utils.checkpoint_format import FORMAT as CHECKPOINT_FORMAT
-from ..utils.checkpoint_io import MAX_INT, _fsync_folder, loads_guarded, read_file, write_file
+from ..utils.checkpoint_io import (
+    MAX_INT,
+    _fsync_folder,
+    loads_guarded,
+    read_file,
+    remove_stale_temporaries,
+    write_file,
+)
 from ..utils.optimizers.averaging import counts_of, merged_counts, saved_counts
 from . import process_group as pg
 from .data_parallel import DataParallel, DistributedState, _dtype_name, _holder, _local_init
@@ -52,6 +59,9 @@ _NAME = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors$")
 #: a shard written but not yet committed (renamed to its final name), or the shard a
 #: commit replaces, kept until every rank has committed
 _PENDING = re.compile(r"shard-\d{5}-of-\d{5}\.safetensors\.(?:pending|previous)-([0-9a-f]+)$")
+#: the name of a pending shard as its temporary file holds it (``write_file``'s
+#: ``.ckpt-<name>-<host>-<pid>-<random>.tmp``)
+_WRITING = re.compile(r"shard-\d{5}-of-\d{5}\.safetensors\.pending-[0-9a-f]+")
 
 
 def _collect(folder: str, params: Any, dp: Any, state: Any
@@ -166,7 +176,8 @@ def save_sharded(folder: str | os.PathLike, params: dict[str, Any], dp: DataPara
     every rank has written does each rename its own over the final name, keeping the shard
     it replaces (``….previous-<save id>``, a hard link) until every rank has renamed; then
     rank 0 removes the shards of an earlier save with another world size and the temporary
-    files of saves killed part-way. A save refused or failed on any rank, a rename
+    files of saves killed part-way (each rank those its host's killed saves were writing:
+    ``write_file``'s, of processes that no longer exist). A save refused or failed on any rank, a rename
     included, raises on every rank and leaves the earlier checkpoint in ``folder`` as it
     was (the renames are undone; a process killed while renaming can leave shards of two
     saves, which :func:`load_sharded` refuses)."""
@@ -213,6 +224,8 @@ def save_sharded(folder: str | os.PathLike, params: dict[str, Any], dp: DataPara
         _roll_back(folder, path, pending, previous, had, committed)
         raise
     _remove(previous)
+    # the temporary files of this host's saves killed while writing their pending shard
+    remove_stale_temporaries(folder, pending, _WRITING.fullmatch)
     if me == 0:  # stale: another world size's shards, and files of saves killed part-way
         for f in glob.glob(os.path.join(folder, "shard-*-of-*.safetensors*")):
             m, p = _NAME.search(f), _PENDING.search(f)
