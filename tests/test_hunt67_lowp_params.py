@@ -92,3 +92,34 @@ def test_mu_dtype_equal_to_the_parameters_dtype(dtype, name, backend):
                                        else 1e-6)
         else:
             np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("name", sorted(MU_CASES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_optax_transformation_mu_dtype_on_half_parameters(dtype, name):
+    """``optax_transformation(Adam(..., mu_dtype=M))`` on parameters of that half dtype: its
+    leaf math got β₁, β₂ and the step rounded to the parameters' dtype, and made optax's
+    bias corrections 1 − βᵗ from them: in bfloat16 β₂ = 0.999 is 1, so 1 − β₂ᵗ = 0 and the
+    parameters never moved; in float16 the update was inf/NaN. Now the scalars are float32
+    there, as optax's bias corrections are: the first update within 1e-2 of optax's in
+    float32 (from the same half-precision values), as optax's own bfloat16 one, and 10
+    bfloat16 steps within a few bfloat16 ulps of optax's (the moment is computed in float32
+    where optax rounds β₁·m first: see docs/optimizers.md)."""
+    from mithril.interop import optax_transformation
+
+    ours, theirs = MU_CASES[name]
+    jdt = AS["jax"][dtype]
+    params, grads = _problem()
+    start = {k: _f32(_arr("numpy", v, dtype)) for k, v in params.items()}
+    g1 = [{k: _f32(_arr("numpy", v, dtype)) for k, v in grads[0].items()}]
+    ref = _optax(theirs(None), start, g1, jnp.float32)
+    first = _optax(optax_transformation(ours(dtype)), params, grads[:1], jdt)
+    for k in first:
+        err = np.abs((first[k] - start[k]) - (ref[k] - start[k])).max()
+        assert err < 1e-2, (k, err)  # (the update is 0.05 in size)
+    if dtype == "bfloat16":
+        want = _optax(theirs(jdt), params, grads, jdt)
+        got = _optax(optax_transformation(ours(dtype)), params, grads, jdt)
+        for k in got:
+            assert np.abs(got[k] - start[k]).max() > 0.2  # (it moved)
+            np.testing.assert_allclose(got[k], want[k], atol=2e-2)

@@ -346,8 +346,12 @@ def optax_transformation(optimizer: Any, *, learning_rate: Any = None,
                 # (a slot of its own dtype, mu_dtype's: computed in the wider of it and p's,
                 # stored in its own; p's alone where every slot has p's dtype)
                 wide = jnp.result_type(p.dtype, *(x.dtype for x in slots))
+                # (the mu_dtype maths make optax's bias corrections from β and t: in float32
+                # at least, as optax's, where bfloat16 rounds β₂ = 0.999 to 1: 1 − β₂ᵗ = 0)
+                sw = jnp.promote_types(wide, jnp.float32) if getattr(
+                    math_fn, "array_only", False) else wide
                 out = math_fn(p.astype(wide), g.astype(wide), *(x.astype(wide) for x in slots),
-                              *(x.astype(wide) for x in scal))
+                              *(x.astype(sw) for x in scal))
                 return tuple(jnp.asarray(v).astype(d) for v, d in
                              zip(out, (p.dtype, *(x.dtype for x in slots))))
 
