@@ -99,3 +99,25 @@ def test_a_tiny_temperature_samples_the_likeliest_characters(tmp_path, capsys):
                      "--out", str(out)]) == 0
         got.append(json.loads((out / "summary.json").read_text())["sample"])
     assert len(got[0]) == 8 and got[0] == got[1]
+
+
+# -- charlm's job defaults and the optimizer ----------------------------------------------------
+def test_charlm_trains_with_dpsgd_whose_clipping_is_its_own(tmp_path, capsys):
+    """charlm's defaults --clip-norm 1 and --weight-decay 0.1 were forced onto dpsgd, which
+    refuses both ("--clip-norm does not apply to optimizer dpsgd", a flag not typed, with
+    no way to unset it): charlm could not train with dpsgd at all. With noise 0 and a clip
+    no gradient reaches, DP-SGD is SGD: the same losses as --optimizer sgd."""
+    base = [*charlm(tmp_path), "--steps", "4", "--warmup-steps", "0", "--lr", "0.5"]
+    dp, sgd = tmp_path / "dp", tmp_path / "sgd"
+    assert main([*base, "--optimizer", "dpsgd:noise_multiplier=0,l2_norm_clip=100",
+                 "--out", str(dp)]) == 0
+    assert main([*base, "--optimizer", "sgd", "--weight-decay", "0", "--clip-norm", "1e9",
+                 "--out", str(sgd)]) == 0
+    got = [float(r["loss"]) for r in rows(dp / "metrics.csv")]
+    want = [float(r["loss"]) for r in rows(sgd / "metrics.csv")]
+    assert len(got) == 4 and got == pytest.approx(want, rel=1e-5)
+    settings = json.loads((dp / "summary.json").read_text())["config"]["settings"]
+    assert "clip_norm" not in settings and "weight_decay" not in settings
+    # a --clip-norm the user gives is still refused, naming the per-example clip
+    err = usage_error(capsys, [*base, "--optimizer", "dpsgd", "--clip-norm", "1", "--dry-run"])
+    assert "--clip-norm does not apply to optimizer dpsgd" in err

@@ -186,12 +186,21 @@ def resolve_defaults(args: argparse.Namespace, task: str) -> None:
         raise CLIError("--epochs does not apply to charlm: its budget is --steps (measured "
                        "every --eval-every steps)")
     for name, value in DEFAULTS[task].items():
-        if getattr(args, name, None) is None:
+        if getattr(args, name, None) is None and not _not_taken(args, name):
             setattr(args, name, value)
     if task == "charlm" and args.warmup_steps is None:
         args.warmup_steps = min(100, args.steps // 10)
     if task == "tabular" and args.target is None and needs_target(args.data):
         raise CLIError(f"--data {args.data}: give --target COLUMN, the column to predict")
+
+
+def _not_taken(args: argparse.Namespace, name: str) -> bool:
+    """Whether the job's default ``name`` is a setting the chosen optimizer refuses: DP-SGD
+    clips each example's gradient itself and its SGD is its own, so charlm's --clip-norm and
+    --weight-decay would be errors naming flags not given, with no way to unset them."""
+    optimizer = str(getattr(args, "optimizer", None) or "").partition(":")[0]
+    return name in ("clip_norm", "weight_decay") and \
+        optimizer.strip().lower().replace("_", "-") == "dpsgd"
 
 
 def prepare(args: argparse.Namespace) -> Job:
