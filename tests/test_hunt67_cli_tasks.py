@@ -121,3 +121,15 @@ def test_charlm_trains_with_dpsgd_whose_clipping_is_its_own(tmp_path, capsys):
     # a --clip-norm the user gives is still refused, naming the per-example clip
     err = usage_error(capsys, [*base, "--optimizer", "dpsgd", "--clip-norm", "1", "--dry-run"])
     assert "--clip-norm does not apply to optimizer dpsgd" in err
+
+
+def test_charlm_with_ftrl_names_the_default_warm_up_it_refuses(tmp_path, capsys):
+    """charlm warms up from 0 by default (a tenth of --steps); Ftrl divides by its rate, so
+    it is refused: the message said only "invalid warm-up: learning_rate must be > 0", no
+    flag (the user typed none). It names --warmup-steps and --warmup-start-lr now, and a
+    start above 0 runs."""
+    base = [*charlm(tmp_path), "--steps", "20", "--optimizer", "ftrl", "--dry-run"]
+    err = usage_error(capsys, [*base, "--out", str(tmp_path / "lm")])
+    assert "--warmup-steps 2 from --warmup-start-lr 0" in err and "learning_rate" in err
+    assert main([*base, "--warmup-start-lr", "1e-3", "--out", str(tmp_path / "lm")]) == 0
+    assert not (tmp_path / "lm").exists()

@@ -479,7 +479,8 @@ def build_schedule(optimizer: Any, specs: Sequence[tuple[str, Mapping[str, Any]]
             per_step = lrs.LinearWarmupScheduler(optimizer, warmup, 0.0 if start is None else start,
                                                  lr, after_scheduler=main)
         except (ValueError, TypeError) as exc:
-            raise CLIError(f"invalid warm-up: {exc}") from None
+            raise CLIError(f"invalid warm-up (--warmup-steps {warmup} from --warmup-start-lr "
+                           f"{start or 0.0:g}): {exc}") from None
     if per_step is not None and plateau is None:
         _check_rates(per_step, total_steps)
     desc = " → ".join(names) if len(names) > 1 else names[0]
