@@ -123,3 +123,84 @@ def test_optax_transformation_mu_dtype_on_half_parameters(dtype, name):
         for k in got:
             assert np.abs(got[k] - start[k]).max() > 0.2  # (it moved)
             np.testing.assert_allclose(got[k], want[k], atol=2e-2)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().view(torch.int16).numpy()
+
+
+def test_torch_bfloat16_state_dict_keeps_bfloat16():
+    """A torch bfloat16 state's ``state_dict`` (documented: "a bfloat16 state's are
+    bfloat16", as a JAX one's are) gave its slots as float32, NumPy and ``arrays="torch"``
+    alike (the engine's ``to_numpy`` widens torch bfloat16). Now bfloat16 (ml_dtypes' in
+    NumPy), the state's bits, and a load of it resumes bit for bit."""
+    from mithril.utils.optimizers import SGD
+
+    rng = np.random.default_rng(1)
+    for opt in (Adam(1e-2), SGD(0.1, momentum=0.9)):
+        p = {"w": torch.tensor(rng.standard_normal((3, 4)), dtype=torch.bfloat16)}
+        g = [{"w": torch.tensor(rng.standard_normal((3, 4)), dtype=torch.bfloat16)}
+             for _ in range(2)]
+        state = opt.init(p)
+        p, state = opt.update(p, g[0], state)
+        as_numpy, as_torch = opt.state_dict(state), opt.state_dict(state, arrays="torch")
+        saved = {k: v.clone() for k, v in p.items()}
+        for s in state.slots:
+            live = state.slot(s)["w"]
+            assert live.dtype == torch.bfloat16
+            assert as_numpy["slots"][s]["w"].dtype == np.dtype(BF16)
+            assert as_torch["slots"][s]["w"].dtype == torch.bfloat16
+            np.testing.assert_array_equal(as_numpy["slots"][s]["w"].view(np.int16), _bits(live))
+            np.testing.assert_array_equal(_bits(as_torch["slots"][s]["w"]), _bits(live))
+        want, _ = opt.update(p, g[1], state)
+        for d in (as_numpy, as_torch):
+            fresh = type(opt)()
+            q = {k: v.clone() for k, v in saved.items()}
+            got, _ = fresh.update(q, g[1], fresh.load_state_dict(d, q))
+            np.testing.assert_array_equal(_bits(got["w"]), _bits(want["w"]))
+
+
+def test_torch_optimizer_bfloat16_state_dict_as_torch_optim():
+    """``torch_optimizer`` on a bfloat16 model: ``state_dict()`` held float32 slots where
+    ``torch.optim.Adam``'s are bfloat16 (twice the checkpoint). Now bfloat16, equal to
+    ``opt.state[p]``'s bits; torch.optim loads it and keeps bfloat16, and a reload resumes
+    bit for bit."""
+    import copy
+
+    from mithril.interop import torch_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 1)).to(torch.bfloat16)
+    peer = copy.deepcopy(model)
+    x, y = torch.randn(16, 4, dtype=torch.bfloat16), torch.randn(16, 1)
+
+    def train(m: Any, opt: Any, n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x).float(), y).backward()
+            opt.step()
+
+    opt = torch_optimizer(Adam(1e-2), model.named_parameters())
+    ref = torch.optim.Adam(peer.parameters(), lr=1e-2, foreach=False)
+    train(model, opt, 3)
+    train(peer, ref, 3)
+    sd, theirs = opt.state_dict(), ref.state_dict()
+    for i, p in enumerate(model.parameters()):
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert sd["state"][i][k].dtype == theirs["state"][i][k].dtype == torch.bfloat16
+            np.testing.assert_array_equal(_bits(sd["state"][i][k]), _bits(opt.state[p][k]))
+            np.testing.assert_allclose(sd["state"][i][k].float().numpy(),
+                                       theirs["state"][i][k].float().numpy(),
+                                       rtol=0.05, atol=1e-4)
+    again = copy.deepcopy(model)
+    opt2 = torch_optimizer(Adam(), again.named_parameters())
+    opt2.load_state_dict(copy.deepcopy(sd))
+    other = copy.deepcopy(model)
+    peer_opt = torch.optim.Adam(other.parameters(), lr=1e-2)
+    peer_opt.load_state_dict(copy.deepcopy(sd))
+    assert peer_opt.state[next(other.parameters())]["exp_avg"].dtype == torch.bfloat16
+    train(model, opt, 2)
+    train(again, opt2, 2)
+    for a, b in zip(model.parameters(), again.parameters()):
+        np.testing.assert_array_equal(_bits(a), _bits(b))

@@ -250,9 +250,12 @@ def export(opt: Optimizer, st: Any, names: Sequence[str], lrs: Sequence[float],
         i: {"step": torch.tensor(float(k), dtype=dtype)} for i, k in enumerate(counts)}
     for slot in shown(opt, st):
         for i, view in enumerate(st.slot(slot).values()):
-            a = np.array(st.engine.to_numpy(view))
-            if a.size:
-                state[i][rename.get(slot, slot)] = shown_as(to_tensor(a), params[i])
+            if isinstance(view, torch.Tensor) and view.dtype == torch.bfloat16:
+                t = view.detach().cpu().clone()  # (bfloat16 as torch.optim keeps it: the
+            else:  # engine's to_numpy widens it to float32)
+                t = to_tensor(np.array(st.engine.to_numpy(view)))
+            if t.numel():
+                state[i][rename.get(slot, slot)] = shown_as(t, params[i])
     for i, k in enumerate(counts):
         if k == 0:
             unstepped(opt, state[i], float(scalar(lrs[i])))

@@ -87,7 +87,7 @@ class StateDictMixin:
             out["consecutive_skips"] = state.consecutive_skips
             host = _torch_tensor if arrays == "torch" else np.array
             own = getattr(state.engine, "slot_dtypes", {})  # (mu_dtype's: kept as they are)
-            out["slots"] = {s: {n: _own_slot(v, arrays) if s in own else
+            out["slots"] = {s: {n: _own_slot(v, arrays) if s in own or _torch_bf16(v) else
                                 host(state.engine.to_numpy(v))
                                 for n, v in state.slot(s).items()} for s in state.slots}
             if state.values:
@@ -345,6 +345,13 @@ def _check_own(a: np.ndarray, saved: Any, dtype: str, slot: str, where: str) -> 
                         f"{a[off].flat[0]!r}): the state keeps slot '{slot}' in {dtype} "
                         f"(mu_dtype={dtype!r}); a state of another mu_dtype does not resume "
                         f"in this one")
+
+
+def _torch_bf16(view: Any) -> bool:
+    """Whether ``view`` is a torch bfloat16 tensor (a torch bfloat16 state's slot: saved as
+    bfloat16, as a JAX one's, where the engine's ``to_numpy`` widens it to float32)."""
+    return type(view).__module__.split(".", 1)[0] == "torch" and \
+        str(getattr(view, "dtype", "")) == "torch.bfloat16"
 
 
 def _own_slot(view: Any, arrays: str) -> Any:
