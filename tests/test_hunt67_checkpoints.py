@@ -153,3 +153,35 @@ def test_save_sharded_killed_at_random_leaves_a_checkpoint_and_no_temporaries(tm
             capture_output=True, text=True, check=True)
         last = int(done.stdout.split()[-1])
         assert os.listdir(tmp_path) == ["shard-00000-of-00001.safetensors"]
+
+
+def test_save_checkpoint_of_a_data_parallel_says_what_to_save(tmp_path) -> None:
+    """``save_checkpoint(path, params, dp, state)`` (a DataParallel, as the training loop holds
+    it) raised a bare ``AttributeError: 'DataParallel' object has no attribute
+    'hyperparameters'``; its state with ``dp.optimizer`` was told to "save custom states
+    through params or extra". Both now name what a checkpoint of a DataParallel run is
+    (gather_state + dp.optimizer, or save_sharded), and nothing is written."""
+    from mithril.distributed import DataParallel, save_sharded
+    from mithril.distributed.full_state import gather_state
+    from mithril.utils.checkpoint import save_checkpoint
+    from mithril.utils.optimizers import Adam
+
+    dp = DataParallel(Adam(0.1))
+    params = {"w": np.arange(3.0)}
+    state = dp.init(params)
+    params, state = dp.update(params, {"w": np.ones(3)}, state)
+    path = tmp_path / "ck.safetensors"
+    for optimizer, st in ((dp, state), (dp, None), (dp.optimizer, state)):
+        with pytest.raises(TypeError, match=r"DataParallel.*gather_state\(dp, state, params\)"
+                                            r".*save_sharded\(folder, params, dp, state\)"):
+            save_checkpoint(path, params, optimizer, st)
+    with pytest.raises(TypeError, match="must be a mithril optimizer .* got object"):
+        save_checkpoint(path, params, object())
+    assert os.listdir(tmp_path) == []
+    # what the message says works, and resumes the run
+    save_checkpoint(path, params, dp.optimizer, gather_state(dp, state, params))
+    save_sharded(tmp_path / "shards", params, dp, state)
+    other = DataParallel(Adam(0.5))
+    ck = load_checkpoint(path, params_template=params, optimizer=other.optimizer)
+    assert ck["state"].step == 1 and other.optimizer.get_learning_rate() == 0.1
+    np.testing.assert_array_equal(ck["params"]["w"], params["w"])

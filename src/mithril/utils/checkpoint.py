@@ -66,12 +66,14 @@ from .checkpoint_format import (
     check_mapping,
     check_meta,
     check_name,
+    check_optimizer,
     check_tensors,
     decode_metrics,
     encode_metrics,
     json_field,
     numpy_scalar,
     saved_hyperparameters,
+    state_error,
     to_numpy,
     trial_scheduler,
 )
@@ -148,23 +150,14 @@ def _encoded(path: str, params: Mapping[str, Any], optimizer: Any, state: Any,
             optimizer, state, params, check_float_array, to_numpy)
         tensors.update(acc_tensors)
     if optimizer is not None:
+        check_optimizer(optimizer)
         opt_meta: dict[str, Any] = {"class": type(optimizer).__name__,
                                     "hyperparameters": saved_hyperparameters(optimizer, state),
                                     "step": None, "num_skipped": None, "num_nonfinite": None,
                                     "slots": []}
         if state is not None:
             if not isinstance(state, OptimizerState):
-                hint = ("the one-program JAX step's state: save "
-                        "step.to_optimizer_state(opt_state, params), and resume with "
-                        "step.from_optimizer_state(loaded['state'])"
-                        if type(state).__name__ == "OptaxState" else
-                        "an Accumulate's state: pass the Accumulate itself as optimizer (its "
-                        "window is saved with it)"
-                        if type(state).__name__ == "AccumulateState" else
-                        "save custom states through params or extra")
-                raise TypeError(f"state must be what {type(optimizer).__name__}.init/update "
-                                f"returned (an OptimizerState), got {type(state).__name__}: "
-                                f"{hint}")
+                raise state_error(optimizer, state)
             if state.kind != type(optimizer).__name__:
                 raise ValueError(f"state was made by {state.kind}, not by the given "
                                  f"{type(optimizer).__name__}")

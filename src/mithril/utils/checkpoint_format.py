@@ -132,6 +132,41 @@ def trial_scheduler(scheduler: Any, optimizer: Any, trial_opt: Any) -> Any:
         return None
 
 
+_SHARDED = ("a DataParallel's state: save the whole state on one rank (full = "
+            "mithril.distributed.full_state.gather_state(dp, state, params); on rank 0 "
+            "save_checkpoint(path, params, dp.optimizer, full)) or one file per rank "
+            "(mithril.distributed.save_sharded(folder, params, dp, state))")
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """``TypeError`` naming ``optimizer``'s type unless it is one a checkpoint can hold (it
+    has ``hyperparameters`` and ``load_state_dict``: a mithril optimizer)."""
+    if all(callable(getattr(optimizer, a, None)) for a in ("hyperparameters",
+                                                            "load_state_dict")):
+        return
+    kind = type(optimizer).__name__
+    if kind == "DataParallel":
+        raise TypeError(f"save_checkpoint: optimizer is a DataParallel, which a checkpoint "
+                        f"does not hold: pass dp.optimizer; for {_SHARDED}")
+    raise TypeError(f"save_checkpoint: optimizer must be a mithril optimizer "
+                    f"(mithril.utils.optimizers) or an Accumulate of one, got {kind}")
+
+
+def state_error(optimizer: Any, state: Any) -> TypeError:
+    """The error of a ``state`` that is not ``optimizer``'s ``OptimizerState``, saying what
+    to save instead where the state's type tells."""
+    kind = type(state).__name__
+    hint = ("the one-program JAX step's state: save step.to_optimizer_state(opt_state, "
+            "params), and resume with step.from_optimizer_state(loaded['state'])"
+            if kind == "OptaxState" else
+            "an Accumulate's state: pass the Accumulate itself as optimizer (its window is "
+            "saved with it)" if kind == "AccumulateState" else
+            _SHARDED if kind == "DistributedState" else
+            "save custom states through params or extra")
+    return TypeError(f"state must be what {type(optimizer).__name__}.init/update returned "
+                     f"(an OptimizerState), got {kind}: {hint}")
+
+
 def check_mapping(name: str, value: Any) -> None:
     if not isinstance(value, Mapping):
         raise TypeError(f"{name} must be a dict of arrays, got {type(value).__name__}")
