@@ -204,3 +204,36 @@ def test_torch_optimizer_bfloat16_state_dict_as_torch_optim():
     train(again, opt2, 2)
     for a, b in zip(model.parameters(), again.parameters()):
         np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_muon_on_half_precision_parameters(dtype, backend):
+    """Muon on bfloat16 / float16 matrices (torch.optim.Muon's usual setting): the second
+    update took the fused in-place step, whose CPU passes read the memory by numba / NumPy
+    ("Got unsupported ScalarType BFloat16", "NotImplementedError: float16", ml_dtypes'
+    bfloat16 refused by torch.from_numpy). Now the per-tensor path: on torch bfloat16 equal
+    to torch.optim.Muon bit for bit, elsewhere to a few half-precision ulps."""
+    from mithril.utils.optimizers import Muon
+
+    tdt = AS["torch"][dtype]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    grads = [rng.standard_normal((8, 6)).astype(np.float32) for _ in range(5)]
+    ref = torch.nn.Parameter(torch.tensor(w).to(tdt))
+    peer = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1)
+    opt = Muon(learning_rate=0.02, weight_decay=0.1)
+    p = {"w": _arr(backend, w, dtype)}
+    state = opt.init(p)
+    for g in grads:
+        ref.grad = torch.tensor(g).to(tdt)
+        peer.step()
+        p, state = opt.update(p, {"w": _arr(backend, g, dtype)}, state)
+    assert str(p["w"].dtype).removeprefix("torch.") == dtype
+    want = _f32(ref.detach())
+    if backend == "torch" and dtype == "bfloat16":
+        np.testing.assert_array_equal(_bits(p["w"]), _bits(ref.detach()))
+    else:
+        np.testing.assert_allclose(_f32(p["w"]), want, atol=0.1 if dtype == "bfloat16"
+                                   else 5e-3)
+    assert np.abs(want - _f32(_arr("numpy", w, dtype))).max() > 0.05

@@ -513,6 +513,9 @@ class Muon(TensorwiseOptimizer):
                or r.clip_block_rms is not None or r.adaptive_clip is not None
                or (r.weight_decay and r.weight_decay_in_math) for r in rows):
             return None
+        cpu = on_numpy or state.params_flat.device.type == "cpu"
+        if cpu and lay.dtype not in ("float32", "float64"):  # (the CPU passes read the
+            return None  # memory by numba, NumPy by torch.from_numpy: no half precision)
         torch, t = xp.m, state.step + 1
 
         def view(a: Any) -> Any:  # NumPy: a torch view of the same memory
@@ -523,7 +526,6 @@ class Muon(TensorwiseOptimizer):
         if any(abs(lr) > top for lr in lrs):  # torch's add_ would refuse it midway
             return None
         bufs = state.slot_layout("momentum_buffer").unflatten(state.slots["momentum_buffer"])
-        cpu = on_numpy or state.params_flat.device.type == "cpu"
         passes = cpu and lay.dtype == "float32" and self.ns_dtype == "bfloat16"
         sumsq, finite = 0.0, True
         with torch.no_grad():
