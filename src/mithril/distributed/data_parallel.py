@@ -376,6 +376,14 @@ class DataParallel(FixedParts):
             raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
         if not isinstance(gradients, Mapping):
             raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
+        # (the wrapped update refuses it too, but only after the gradients have travelled:
+        # one rank evaluating with its EMA swapped in then raised there alone, and the others
+        # applied the step (replicated) or waited in the all-gather until the timeout)
+        swapped = getattr(state.local, "swapped", None)
+        if swapped is not None:
+            raise ValueError(f"the {swapped.upper()} is swapped in (swap_ema): call "
+                             f"swap_ema(params, state.local) again to swap the training "
+                             f"parameters back before an update")
         missing = [n for n in state.names if n not in params]
         unknown = sorted(set(params) - set(state.names))
         if missing or unknown:

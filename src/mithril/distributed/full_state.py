@@ -140,7 +140,13 @@ def gather_state(dp: DataParallel, state: DistributedState, params: dict[str, An
     if not state.sharded or state.world == 1:
         return state.local if pg.rank() == dst else None
     opt = dp.optimizer
-    sd = opt.state_dict(state.local)
+    error: Exception | None = None
+    try:  # (refused on one rank only, an EMA swapped in there: the others waited in the
+        # gather until the timeout; now every rank raises, before anything is sent)
+        sd = opt.state_dict(state.local)
+    except (TypeError, ValueError, KeyError) as e:
+        error = e
+    pg.agree("gather_state", error)
     del sd["hyperparameters"]  # (alike on every rank: dst's own are used)
     mine = encode({"owned": list(state.owned), "sd": sd})
     every = gather_bytes(mine, dst, "gather_state (the optimizer state's shards)")

@@ -1,0 +1,135 @@
+"""One rank of ``tests/test_hunt67_distributed.py`` (``python tests/dist_hunt67_worker.py
+RANK WORLD PORT OUT CASE``): runs CASE on this rank and writes what it saw to
+``OUT.RANK.json`` (every exception caught and recorded, so that a rank left waiting by
+another reports a PeerError within the timeout instead of hanging).
+
+``swap``/``swap_sharded``: ``DataParallel(Adam(ema_decay=0.5))`` takes one step; then rank 0
+evaluates with its EMA swapped in (``swap_ema``) and calls ``update`` without swapping back.
+Every rank must refuse that step (nothing changed anywhere); after rank 0 swaps back, the
+retried step must give the one-process result. ``gather``: the same EMA swapped in on rank 0
+during ``gather_state`` (sharded): every rank must raise at once, and the retry gather the
+whole state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+SHAPES = {"w": (3, 4), "b": (4,), "u": (2, 3)}
+LR, DECAY, TIMEOUT = 0.1, 0.5, 10.0
+
+
+def init_params() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {n: rng.normal(size=s) for n, s in SHAPES.items()}
+
+
+def grads(t: int, rank: int) -> dict[str, np.ndarray]:
+    """Rank ``rank``'s gradients at step ``t`` (the step's gradient: their mean)."""
+    rng = np.random.default_rng(100 * t + rank)
+    return {n: rng.normal(size=s) for n, s in SHAPES.items()}
+
+
+def listed(p: dict[str, Any]) -> dict[str, list]:
+    return {n: np.asarray(a).tolist() for n, a in p.items()}
+
+
+def err(e: BaseException) -> dict[str, str]:
+    return {"type": type(e).__name__, "msg": str(e)[:400]}
+
+
+def swap_case(rank: int, shard: bool) -> dict[str, Any]:
+    from mithril import distributed as dist
+    from mithril.utils.optimizers import Adam
+
+    dp = dist.DataParallel(Adam(LR, ema_decay=DECAY), shard_state=shard)
+    params = init_params()
+    state = dp.init(params)
+    params, state = dp.update(params, grads(0, rank), state)
+    out: dict[str, Any] = {"owned": list(state.owned)}
+    if rank == 0:  # evaluates with the EMA, and forgets to swap the training weights back
+        params.update(dp.optimizer.swap_ema({n: params[n] for n in state.owned}, state.local))
+    before = listed(params)
+    t0 = time.monotonic()
+    try:
+        params, state = dp.update(params, grads(1, rank), state)
+        out["refused"] = None
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        out["refused"] = err(e)
+    out["seconds"] = time.monotonic() - t0
+    out["step_after_refusal"] = state.step
+    out["unchanged"] = listed(params) == before
+    if rank == 0:
+        params.update(dp.optimizer.swap_ema({n: params[n] for n in state.owned}, state.local))
+    try:
+        params, state = dp.update(params, grads(1, rank), state)
+        out["params"] = listed(params)
+        out["step"] = state.step
+        out["ema"] = listed(dp.optimizer.ema_params(state.local))
+    except Exception as e:  # noqa: BLE001
+        out["retry"] = err(e)
+    return out
+
+
+def gather_case(rank: int) -> dict[str, Any]:
+    from mithril import distributed as dist
+    from mithril.distributed.full_state import gather_state
+    from mithril.utils.optimizers import Adam
+
+    dp = dist.DataParallel(Adam(LR, ema_decay=DECAY), shard_state=True)
+    params = init_params()
+    state = dp.init(params)
+    for t in range(2):
+        params, state = dp.update(params, grads(t, rank), state)
+    out: dict[str, Any] = {}
+    if rank == 0:
+        params.update(dp.optimizer.swap_ema({n: params[n] for n in state.owned}, state.local))
+    t0 = time.monotonic()
+    try:
+        gather_state(dp, state, params)
+        out["refused"] = None
+    except Exception as e:  # noqa: BLE001
+        out["refused"] = err(e)
+    out["seconds"] = time.monotonic() - t0
+    if rank == 0:
+        params.update(dp.optimizer.swap_ema({n: params[n] for n in state.owned}, state.local))
+    try:
+        full = gather_state(dp, state, params)
+        if full is not None:
+            out["step"] = full.step
+            out["m"] = listed(full.slot("m"))
+            out["v"] = listed(full.slot("v"))
+            out["ema"] = listed(full.slot("ema"))
+    except Exception as e:  # noqa: BLE001
+        out["retry"] = err(e)
+    return out
+
+
+def main() -> None:
+    rank, world, port, out, case = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                                    sys.argv[4], sys.argv[5])
+    warnings.simplefilter("ignore")
+    from mithril import distributed as dist
+
+    dist.init(rank, world, master_addr="127.0.0.1", master_port=port, timeout=TIMEOUT)
+    try:
+        res = (gather_case(rank) if case == "gather" else
+               swap_case(rank, case == "swap_sharded"))
+    except Exception as e:  # noqa: BLE001
+        res = {"crash": "".join(traceback.format_exception(e))[-3000:]}
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Data-parallel training on 2 gloo ranks (``tests/dist_hunt67_worker.py``): a refusal that
+only one rank can see must be a refusal on every rank, before any collective moves data.
+
+An EMA swapped in for evaluation (``swap_ema``) on one rank, and ``update`` called without
+swapping back: the wrapped optimizer refuses that, but ``DataParallel`` did not check it before
+the step's collectives, so rank 0 raised alone while rank 1 applied the step (replicated: the
+replicas silently one step apart) or waited in the all-gather until the timeout (sharded).
+``gather_state`` likewise left the other ranks waiting in the gather. Now every rank raises
+the ``ValueError`` at once, nothing changes, and after the swap back the run is one process's:
+``torch.optim.Adam`` on the mean gradients and ``torch.optim.swa_utils.AveragedModel``'s EMA
+(float64, 1e-12).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dist_hunt67_worker as W  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist_hunt67_worker.py")
+TOL = 1e-12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(tmp_path, case: str) -> list[dict]:
+    out = str(tmp_path / case)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "2", port, out, case], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=90)[0].decode()[-3000:])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    res = []
+    for r in range(2):
+        path = f"{out}.{r}.json"
+        assert os.path.exists(path), logs
+        with open(path) as f:
+            got = json.load(f)
+        assert "crash" not in got, got["crash"]
+        res.append(got)
+    return res
+
+
+def _torch_reference(steps: int) -> tuple[dict, dict, dict]:
+    """torch.optim.Adam on the mean of the two ranks' gradients, with AveragedModel's EMA
+    updated after every step: params, EMA, and the Adam state."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    net = torch.nn.ParameterDict({n: torch.nn.Parameter(torch.from_numpy(a))
+                                  for n, a in W.init_params().items()})
+    opt = torch.optim.Adam(net.parameters(), lr=W.LR)
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(W.DECAY))
+    for t in range(steps):
+        g0, g1 = W.grads(t, 0), W.grads(t, 1)
+        for n, p in net.items():
+            p.grad = torch.from_numpy((g0[n] + g1[n]) / 2)
+        opt.step()
+        ema.update_parameters(net)
+    params = {n: p.detach().numpy() for n, p in net.items()}
+    avg = {n: p.detach().numpy() for n, p in ema.module.items()}
+    st = {n: opt.state[p] for n, p in net.items()}
+    return params, avg, st
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["swap", "swap_sharded"])
+def test_ema_swapped_in_on_one_rank_refuses_the_step_on_every_rank(tmp_path, case) -> None:
+    ranks = _run(tmp_path, case)
+    for r, got in enumerate(ranks):
+        assert got["refused"] is not None, f"rank {r} applied the step rank 0 refused"
+        assert got["refused"]["type"] == "ValueError", got["refused"]
+        assert "swap" in got["refused"]["msg"], got["refused"]
+        assert got["seconds"] < W.TIMEOUT / 2, got["seconds"]  # no wait for a timeout
+        assert got["step_after_refusal"] == 1 and got["unchanged"], r
+        assert "retry" not in got, got.get("retry")
+        assert got["step"] == 2
+    want, avg, _ = _torch_reference(2)
+    for r, got in enumerate(ranks):
+        for n in W.SHAPES:
+            np.testing.assert_allclose(got["params"][n], want[n], rtol=0, atol=TOL,
+                                       err_msg=f"rank {r} {n}")
+        for n, e in got["ema"].items():  # (sharded: the EMA of the tensors it owns)
+            np.testing.assert_allclose(e, avg[n], rtol=0, atol=TOL, err_msg=f"rank {r} ema {n}")
+    assert sorted(n for g in ranks for n in g["ema"]) == sorted(
+        W.SHAPES if case == "swap_sharded" else [*W.SHAPES, *W.SHAPES])
+
+
+@pytest.mark.slow
+def test_gather_state_refused_on_one_rank_raises_on_every_rank(tmp_path) -> None:
+    ranks = _run(tmp_path, "gather")
+    for r, got in enumerate(ranks):
+        assert got["refused"] is not None and got["refused"]["type"] == "ValueError", (
+            r, got["refused"])
+        assert got["seconds"] < W.TIMEOUT / 2, got["seconds"]
+        assert "retry" not in got, got.get("retry")
+    full = ranks[0]
+    assert full["step"] == 2 and "m" not in ranks[1]
+    _, avg, st = _torch_reference(2)
+    for n in W.SHAPES:
+        np.testing.assert_allclose(full["m"][n], st[n]["exp_avg"].numpy(), rtol=0, atol=TOL)
+        np.testing.assert_allclose(full["v"][n], st[n]["exp_avg_sq"].numpy(), rtol=0, atol=TOL)
+        np.testing.assert_allclose(full["ema"][n], avg[n], rtol=0, atol=TOL)
