@@ -185,3 +185,49 @@ def test_save_checkpoint_of_a_data_parallel_says_what_to_save(tmp_path) -> None:
     ck = load_checkpoint(path, params_template=params, optimizer=other.optimizer)
     assert ck["state"].step == 1 and other.optimizer.get_learning_rate() == 0.1
     np.testing.assert_array_equal(ck["params"]["w"], params["w"])
+
+
+def test_save_through_a_symbolic_link_writes_the_file_it_points_to(tmp_path,
+                                                                   monkeypatch) -> None:
+    """``ckpt.safetensors -> /elsewhere/run 1/ckpt.safetensors`` (a checkpoint kept on another
+    disk): torch.save and safetensors' save_file write the linked file; save_checkpoint's
+    ``os.replace`` replaced the link itself, so the new checkpoint stayed beside the link and
+    the linked file silently kept the old one. A failing save (a full disk) leaves the linked
+    file as it was."""
+    import errno
+
+    import torch
+
+    import mithril.utils.checkpoint_io as checkpoint_io
+    from mithril.utils.checkpoint import save_checkpoint
+
+    far = tmp_path / "other disk" / "run ü 1"
+    far.mkdir(parents=True)
+    (tmp_path / "here").mkdir()
+    link = tmp_path / "here" / "ckpt.safetensors"
+    target = far / "ckpt.safetensors"
+    save_checkpoint(target, {"w": np.zeros(3)}, extra={"step": 0})
+    os.symlink(os.path.relpath(target, link.parent), link)
+    save_checkpoint(link, {"w": np.arange(3.0)}, extra={"step": 1})
+    assert os.path.islink(link) and os.listdir(link.parent) == ["ckpt.safetensors"]
+    for path in (link, target):
+        ck = load_checkpoint(path)
+        assert ck["extra"] == {"step": 1}
+        np.testing.assert_array_equal(ck["params"]["w"], np.arange(3.0))
+    # as torch.save through the same kind of link
+    tlink, ttarget = tmp_path / "here" / "t.pt", far / "t.pt"
+    torch.save({"w": torch.zeros(3)}, ttarget)
+    os.symlink(ttarget, tlink)
+    torch.save({"w": torch.arange(3.0)}, tlink)
+    assert os.path.islink(tlink)
+    assert torch.equal(torch.load(ttarget, weights_only=True)["w"], torch.arange(3.0))
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(link, {"w": np.ones(3)}, extra={"step": 2})
+    monkeypatch.undo()
+    assert os.path.islink(link) and sorted(os.listdir(far)) == ["ckpt.safetensors", "t.pt"]
+    assert load_checkpoint(link)["extra"] == {"step": 1}

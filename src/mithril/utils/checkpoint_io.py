@@ -34,7 +34,8 @@ one by one, each checked against its digest. Any failure, the library's included
 where known; a file of another kind, such as ``torch.save``'s zip or pickle, Keras' HDF5, is
 said to be one). Only JSON and raw little-endian floats are parsed: nothing can execute.
 
-Writing (:func:`write_file`) goes to a temporary file in the target's folder, named
+Writing (:func:`write_file`) goes to a temporary file in the target's folder (a symbolic
+link's target's: the file it points to is written, as by ``torch.save``), named
 ``.ckpt-<target name>-<host tag>-<pid>-<random>.tmp`` (the name cut to 100 bytes, the
 host tag 8 hex digits of the SHA-256 of the host name), which is flushed and ``fsync``-ed,
 moved over the target with ``os.replace`` and the folder ``fsync``-ed (not on Windows); a
@@ -263,7 +264,12 @@ def _fsync_folder(folder: str) -> None:
 
 def write_file(path: str, meta_json: str, tensors: Mapping[str, np.ndarray]) -> None:
     """Write a checkpoint file atomically (see the module docstring): the file at ``path`` is
-    either left as it was or replaced by the complete new one, and no temporary file stays."""
+    either left as it was or replaced by the complete new one, and no temporary file stays.
+    A ``path`` that is a symbolic link writes the file it points to, as ``torch.save`` and
+    ``open(path, "wb")`` do (``os.replace`` over the link replaced the link itself: the new
+    checkpoint stayed beside it and the file linked to, on another disk perhaps, kept the old)."""
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):  # (else the error named the temporary file)
         raise FileNotFoundError(errno.ENOENT, f"cannot write a checkpoint into the folder "
