@@ -133,3 +133,21 @@ def test_charlm_with_ftrl_names_the_default_warm_up_it_refuses(tmp_path, capsys)
     assert "--warmup-steps 2 from --warmup-start-lr 0" in err and "learning_rate" in err
     assert main([*base, "--warmup-start-lr", "1e-3", "--out", str(tmp_path / "lm")]) == 0
     assert not (tmp_path / "lm").exists()
+
+
+# -- flags that did nothing ---------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_loss_scale_without_mixed_precision_is_refused_not_ignored(tmp_path, capsys, command):
+    """--loss-scale 1024 without --mixed-precision trained in float32 as if it were not
+    given (as --max-momentum without --momentum-cycle, it is refused now, nothing written);
+    with --mixed-precision (or --precision) it is the scale of the first step."""
+    out = tmp_path / "run"
+    err = usage_error(capsys, [command, "--loss-scale", "1024", "--epochs", "1", "--out", str(out)])
+    assert "--loss-scale only applies with --mixed-precision" in err and not out.exists()
+    if command == "compare":
+        return
+    assert main(["train", "--precision", "bf16", "--loss-scale", "1024", "--epochs", "1",
+                 "--hidden", "8", "--batch-size", "512", "--no-progress", "--no-plot",
+                 "--out", str(out)]) == 0
+    assert float(rows(out / "metrics.csv")[0]["loss_scale"]) == 1024.0
+    assert json.loads((out / "summary.json").read_text())["config"]["loss_scale"] == 1024.0

@@ -42,6 +42,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
+#: the initial loss scale of --mixed-precision (--loss-scale), torch's GradScaler's
+LOSS_SCALE = 2.0**16
+
 def add_task_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task and budget")
     g.add_argument("--backend", choices=BACKENDS, default="numpy",
@@ -70,8 +73,9 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION), default="none",
                    help="compute in float16/bfloat16 with float32 master weights and dynamic "
                         "loss scaling (default: none)")
-    g.add_argument("--loss-scale", type=positive_float, default=2.0**16,
-                   help="initial loss scale for --mixed-precision (default: 65536)")
+    g.add_argument("--loss-scale", type=positive_float, default=None,
+                   help=f"initial loss scale for --mixed-precision (default: "
+                        f"{LOSS_SCALE:g})")
 
 
 def add_schedule_flags(p: argparse.ArgumentParser, default: str | None = "cosine") -> None:
@@ -134,6 +138,10 @@ def run_config(args: argparse.Namespace, optimizer: str = "adam",
         raise CLIError(f"--dtype {args.dtype} does not apply with --mixed-precision "
                        f"{args.mixed_precision} (float32 master weights, computing in "
                        f"{args.mixed_precision}); give one of them")
+    if args.loss_scale is not None and args.mixed_precision == "none" and \
+            not getattr(args, "resume", None):  # (a run saved before: its parser's 65536)
+        raise CLIError(f"--loss-scale only applies with --mixed-precision fp16 or bf16 (it "
+                       f"scales the half-precision loss), got --loss-scale {args.loss_scale:g}")
     settings = settings_from(args, OPTIONS.values())
     specs = scheduler_specs(args)
     if overrides:
@@ -143,7 +151,8 @@ def run_config(args: argparse.Namespace, optimizer: str = "adam",
         settings.update(overrides)
     return RunConfig(optimizer=optimizer, settings=settings, schedulers=specs,
                      backend=args.backend, dtype=args.dtype,
-                     mixed_precision=args.mixed_precision, loss_scale=args.loss_scale,
+                     mixed_precision=args.mixed_precision,
+                     loss_scale=LOSS_SCALE if args.loss_scale is None else args.loss_scale,
                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                      hidden=tuple(args.hidden or ()), activation=args.activation or "relu",
                      threads=args.threads, no_decay_on=getattr(args, "no_decay_on", None),
