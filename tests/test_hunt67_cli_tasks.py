@@ -151,3 +151,26 @@ def test_loss_scale_without_mixed_precision_is_refused_not_ignored(tmp_path, cap
                  "--out", str(out)]) == 0
     assert float(rows(out / "metrics.csv")[0]["loss_scale"]) == 1024.0
     assert json.loads((out / "summary.json").read_text())["config"]["loss_scale"] == 1024.0
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--warmup-start-lr", "0.01", "--epochs", "1"],
+    ["train", "--task", "charlm", "--steps", "5", "--warmup-start-lr", "0.001"],  # 5 // 10 = 0
+    ["compare", "--configs", "adam:warmup_start_lr=0.01", "--epochs", "1"],
+    ["plot-schedule", "--warmup-start-lr", "0.01", "--steps", "100"],
+])
+def test_warmup_start_lr_without_a_warm_up_is_refused_not_ignored(tmp_path, capsys, argv):
+    """--warmup-start-lr without a warm-up changed nothing (the rate started at --lr): refused
+    now, naming --warmup-steps, before anything is written."""
+    out = tmp_path / ("s.png" if argv[0] == "plot-schedule" else "run")
+    err = usage_error(capsys, [*argv, "--out", str(out)])
+    assert "--warmup-start-lr only applies with a warm-up (--warmup-steps N > 0)" in err
+    assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
+def test_warmup_start_lr_with_a_warm_up_is_its_first_rate(tmp_path):
+    out = tmp_path / "s.png"
+    assert main(["plot-schedule", "--warmup-steps", "4", "--warmup-start-lr", "0.02",
+                 "--scheduler", "none", "--lr", "0.1", "--steps", "6", "--out", str(out)]) == 0
+    lr = [float(r["lr"]) for r in rows(out.with_suffix(".csv"))]
+    assert lr == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1, 0.1])

@@ -415,6 +415,9 @@ def build_schedule(optimizer: Any, specs: Sequence[tuple[str, Mapping[str, Any]]
     if warmup and warmup >= total_steps:
         raise CLIError(f"--warmup-steps ({warmup}) must be smaller than the number of training "
                        f"steps ({total_steps})")
+    if not warmup and settings.get("warmup_start_lr") is not None:  # (else: ignored)
+        raise CLIError(f"--warmup-start-lr only applies with a warm-up (--warmup-steps N > 0), "
+                       f"got --warmup-start-lr {settings['warmup_start_lr']:g} and no warm-up")
     specs = list(specs) or [("none", {})]
     names = [n for n, _ in specs]
     for n in names:
