@@ -231,3 +231,35 @@ def test_save_through_a_symbolic_link_writes_the_file_it_points_to(tmp_path,
     monkeypatch.undo()
     assert os.path.islink(link) and sorted(os.listdir(far)) == ["ckpt.safetensors", "t.pt"]
     assert load_checkpoint(link)["extra"] == {"step": 1}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_save_keeps_the_permissions_of_the_checkpoint_it_replaces(tmp_path) -> None:
+    """A checkpoint made private (``chmod 600``) became readable by everyone (0644, the
+    temporary file's default) at the next save, which replaces it; torch.save rewrites the
+    file in place and keeps its mode. The mode is now carried over; a new file gets the
+    default, as torch.save's."""
+    import stat
+
+    import torch
+
+    from mithril.utils.checkpoint import CheckpointManager, save_checkpoint
+
+    path, theirs = tmp_path / "ck.safetensors", tmp_path / "ck.pt"
+    save_checkpoint(path, {"w": np.zeros(2)})
+    torch.save({"w": torch.zeros(2)}, theirs)
+    assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(theirs).st_mode)
+    for mode in (0o600, 0o640, 0o444):
+        os.chmod(path, mode)
+        save_checkpoint(path, {"w": np.full(2, float(mode))})
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode, oct(mode)
+        np.testing.assert_array_equal(load_checkpoint(path)["params"]["w"], float(mode))
+        if mode != 0o444:  # (torch.save cannot write a read-only file but as root)
+            os.chmod(theirs, mode)
+            torch.save({"w": torch.ones(2)}, theirs)
+            assert stat.S_IMODE(os.stat(theirs).st_mode) == mode
+    torch.save({}, tmp_path / "fresh.pt")
+    manager = CheckpointManager(tmp_path / "run", max_to_keep=1)
+    manager.save(1, {"w": np.zeros(2)})  # (a new file: the default mode)
+    assert stat.S_IMODE(os.stat(manager.path(1)).st_mode) == \
+        stat.S_IMODE(os.stat(tmp_path / "fresh.pt").st_mode)

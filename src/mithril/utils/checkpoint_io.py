@@ -54,6 +54,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import struct
 import threading
 from collections.abc import Callable, Mapping
@@ -262,6 +263,20 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+def _keep_mode(tmp: str, path: str) -> None:
+    """Give the temporary file ``tmp`` the permissions of the file at ``path`` it will
+    replace, if any (``torch.save`` rewrites a file in place, keeping them: a checkpoint
+    made private, ``chmod 600``, stays so). Not on Windows, where a mode is only the
+    read-only flag, which would keep the temporary file from being removed on a failure."""
+    if os.name == "nt":
+        return
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # (none yet: the default permissions, as open() gives)
+        return
+    os.chmod(tmp, mode)
+
+
 def write_file(path: str, meta_json: str, tensors: Mapping[str, np.ndarray]) -> None:
     """Write a checkpoint file atomically (see the module docstring): the file at ``path`` is
     either left as it was or replaced by the complete new one, and no temporary file stays.
@@ -282,6 +297,7 @@ def write_file(path: str, meta_json: str, tensors: Mapping[str, np.ndarray]) -> 
         _active.add(tmp)
     try:
         with open(tmp, "xb") as f:
+            _keep_mode(tmp, path)
             f.write(head)
             f.write(body)
             f.flush()
