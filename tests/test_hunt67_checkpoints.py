@@ -263,3 +263,27 @@ def test_save_keeps_the_permissions_of_the_checkpoint_it_replaces(tmp_path) -> N
     manager.save(1, {"w": np.zeros(2)})  # (a new file: the default mode)
     assert stat.S_IMODE(os.stat(manager.path(1)).st_mode) == \
         stat.S_IMODE(os.stat(tmp_path / "fresh.pt").st_mode)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_save_sharded_keeps_the_permissions_of_the_shard_it_replaces(tmp_path) -> None:
+    """As save_checkpoint: a shard made private (``chmod 600``) became 0644 at the next
+    save_sharded, whose pending file, new, replaced it."""
+    import stat
+
+    from mithril.distributed import DataParallel, load_sharded, save_sharded
+    from mithril.utils.optimizers import Adam
+
+    dp = DataParallel(Adam(0.1))
+    params = {"w": np.arange(4.0)}
+    state = dp.init(params)
+    path = save_sharded(tmp_path, params, dp, state)
+    fresh = stat.S_IMODE(os.stat(path).st_mode)
+    for mode in (0o600, 0o640):
+        os.chmod(path, mode)
+        params, state = dp.update(params, {"w": np.ones(4)}, state)
+        assert save_sharded(tmp_path, params, dp, state) == path
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode != fresh
+        loaded, st = load_sharded(tmp_path, DataParallel(Adam(0.1)))
+        np.testing.assert_array_equal(loaded["w"], params["w"])
+    assert os.listdir(tmp_path) == [os.path.basename(path)]

@@ -38,6 +38,7 @@ from ..utils.checkpoint_format import FORMAT as CHECKPOINT_FORMAT
 from ..utils.checkpoint_io import (
     MAX_INT,
     _fsync_folder,
+    _keep_mode,
     loads_guarded,
     read_file,
     remove_stale_temporaries,
@@ -212,6 +213,7 @@ def save_sharded(folder: str | os.PathLike, params: dict[str, Any], dp: DataPara
     try:
         if os.path.exists(path):
             _keep(path, previous)
+            _keep_mode(pending, path)  # (a shard made private stays so)
             had = True
         os.replace(pending, path)
         committed = True
