@@ -8,7 +8,8 @@ evaluates with its EMA swapped in (``swap_ema``) and calls ``update`` without sw
 Every rank must refuse that step (nothing changed anywhere); after rank 0 swaps back, the
 retried step must give the one-process result. ``gather``: the same EMA swapped in on rank 0
 during ``gather_state`` (sharded): every rank must raise at once, and the retry gather the
-whole state.
+whole state. ``overflow``: finite gradients whose step overflows rank 1's tensor only, under
+``nonfinite="propagate"`` (sharded): every rank must count and report it as one process.
 """
 
 from __future__ import annotations
@@ -115,6 +116,36 @@ def gather_case(rank: int) -> dict[str, Any]:
     return out
 
 
+def overflow_case(rank: int) -> dict[str, Any]:
+    """SGD(lr=1e307) under "propagate", sharded: finite gradients whose step overflows ``b``
+    (rank 1's tensor) only, twice."""
+    from mithril import distributed as dist
+    from mithril.distributed.full_state import gather_state
+    from mithril.utils.optimizers import SGD
+
+    dp = dist.DataParallel(SGD(OVERFLOW_LR), shard_state=True)
+    params = {n: np.ones(s) for n, s in OVERFLOW_SHAPES.items()}
+    state = dp.init(params)
+    out: dict[str, Any] = {"owned": list(state.owned), "counts": [], "warned": []}
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            params, state = dp.update(params, overflow_grads(), state)
+        out["counts"].append([state.num_nonfinite, bool(state.local.nonfinite_values)])
+        out["warned"].append(sum("non-finite" in str(w.message) for w in seen))
+        out.setdefault("params", listed(params))  # (after the first step)
+    full = gather_state(dp, state, params)
+    out["gathered"] = None if full is None else full.num_nonfinite
+    return out
+
+
+OVERFLOW_SHAPES, OVERFLOW_LR = {"w": (3, 4), "b": (12,)}, 1e307
+
+
+def overflow_grads() -> dict[str, np.ndarray]:
+    return {"w": np.full((3, 4), 1e-10), "b": np.full(12, 100.0)}
+
+
 def main() -> None:
     rank, world, port, out, case = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                     sys.argv[4], sys.argv[5])
@@ -123,8 +154,8 @@ def main() -> None:
 
     dist.init(rank, world, master_addr="127.0.0.1", master_port=port, timeout=TIMEOUT)
     try:
-        res = (gather_case(rank) if case == "gather" else
-               swap_case(rank, case == "swap_sharded"))
+        res = (gather_case(rank) if case == "gather" else overflow_case(rank)
+               if case == "overflow" else swap_case(rank, case == "swap_sharded"))
     except Exception as e:  # noqa: BLE001
         res = {"crash": "".join(traceback.format_exception(e))[-3000:]}
     with open(f"{out}.{rank}.json", "w") as f:

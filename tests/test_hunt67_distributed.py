@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -124,3 +125,40 @@ def test_gather_state_refused_on_one_rank_raises_on_every_rank(tmp_path) -> None
         np.testing.assert_allclose(full["m"][n], st[n]["exp_avg"].numpy(), rtol=0, atol=TOL)
         np.testing.assert_allclose(full["v"][n], st[n]["exp_avg_sq"].numpy(), rtol=0, atol=TOL)
         np.testing.assert_allclose(full["ema"][n], avg[n], rtol=0, atol=TOL)
+
+
+@pytest.mark.slow
+def test_results_overflowing_on_one_ranks_tensors_count_on_every_rank(tmp_path) -> None:
+    """Sharded, "propagate": SGD's step overflows ``b`` (rank 1's) from finite gradients.
+    One process counts it once in ``num_nonfinite`` (not again while the values stay
+    non-finite) and warns; rank 0 used to count 0, warn nothing, and ``gather_state`` (and
+    so the CLI's checkpoint) kept its 0. The first step's params are torch.optim.SGD's
+    (-inf in ``b``)."""
+    from mithril.utils.optimizers import SGD
+
+    ranks = _run(tmp_path, "overflow")
+    assert [g["owned"] for g in ranks] == [["w"], ["b"]]
+    opt = SGD(W.OVERFLOW_LR)
+    params = {n: np.ones(s) for n, s in W.OVERFLOW_SHAPES.items()}
+    st = opt.init(params)
+    want, warned = [], []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            params, st = opt.update(params, W.overflow_grads(), st)
+        want.append([st.num_nonfinite, bool(st.nonfinite_values)])
+        warned.append(sum("non-finite" in str(w.message) for w in seen))
+    assert want == [[1, True], [1, True]] and warned == [1, 0]
+    net = torch.nn.ParameterDict({n: torch.nn.Parameter(torch.ones(s, dtype=torch.float64))
+                                  for n, s in W.OVERFLOW_SHAPES.items()})
+    topt = torch.optim.SGD(net.parameters(), lr=W.OVERFLOW_LR)
+    for n, p in net.items():
+        p.grad = torch.from_numpy(W.overflow_grads()[n])
+    topt.step()
+    for r, got in enumerate(ranks):
+        assert got["counts"] == want, f"rank {r}: {got['counts']}"
+        assert got["warned"] == warned, f"rank {r} warned {got['warned']}"
+        for n, p in net.items():
+            np.testing.assert_array_equal(got["params"][n], p.detach().numpy())
+    assert np.isneginf(ranks[0]["params"]["b"]).all()
+    assert ranks[0]["gathered"] == 1

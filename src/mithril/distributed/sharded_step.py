@@ -127,6 +127,9 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
             _multiply(mine, scale)
     dp._sync_groups(state)
     before = local.num_skipped
+    # ("propagate": whether the last step left non-finite values anywhere, alike on every
+    # rank, and the count before this step; see _agree_nonfinite_results)
+    was_bad, counted = local.nonfinite_values, local.num_nonfinite
     error: BaseException | None = None
     new: dict[str, Any] = {}
     # (optimizer-wide values: each rank's tensor_scalars sees every rank's sums)
@@ -196,8 +199,13 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     for k, n in enumerate(own):
         lo = int(ch.local_offset[a + k])
         pchunk[lo:lo + ch.sizes[a + k]] = new[n].reshape(-1)
+    agree = world > 1 and opt.nonfinite == "propagate"
+    if agree:  # (in the chunk's first free element: every rank's has one, see sharding.py)
+        pchunk[data] = float(bool(own) and local.nonfinite_values)
     if world > 1:
         pg.all_gather(state._pfull, pchunk)
+    if agree:
+        _agree_nonfinite_results(state, name, norm, was_bad, counted)
         sent["all_gather"] = _nbytes(pchunk) * world
     state.bytes_communicated = sent
     out = {}
@@ -209,6 +217,26 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
             out[n] = state._pfull[lo:hi].reshape(state.shapes[i])
     state._out = out
     return dict(out), state
+
+
+def _agree_nonfinite_results(state: DistributedState, name: str, norm: float, was_bad: bool,
+                             counted: int) -> None:
+    """Under ``"propagate"``, count and report a step whose finite gradients gave non-finite
+    results on some rank's tensors as one process does, on every rank (the flags came with
+    the all-gather): before, only the ranks holding those tensors counted it in
+    ``num_nonfinite`` and warned, so rank 0 (the one that prints, whose counters
+    ``gather_state`` and ``save_sharded`` keep) could report 0 where one process reports 1."""
+    ch, local = state.chunks, state.local
+    bad = any(float(_host(state._pfull[r * ch.chunk + ch.data[r]:
+                                       r * ch.chunk + ch.data[r] + 1])[0]) > 0
+              for r in range(state.world))
+    if math.isfinite(norm) and bad and not was_bad and local.num_nonfinite == counted:
+        local.num_nonfinite = counted + 1
+        warnings.warn(f"{name}: finite gradients, but the step made params or state "
+                      f"non-finite on another rank's tensors (a learning rate or other "
+                      f"hyperparameter too large for the dtype?) at step {local.step}; "
+                      f"params may now be non-finite", RuntimeWarning, stacklevel=4)
+    local.nonfinite_values = bad
 
 
 def _reshapes(opt: Any) -> bool:
