@@ -237,3 +237,32 @@ def test_muon_on_half_precision_parameters(dtype, backend):
         np.testing.assert_allclose(_f32(p["w"]), want, atol=0.1 if dtype == "bfloat16"
                                    else 5e-3)
     assert np.abs(want - _f32(_arr("numpy", w, dtype))).max() > 0.05
+
+
+@pytest.mark.parametrize("mu", [None, "bfloat16", "float32"])
+def test_jax_train_step_bfloat16_model_with_mu_dtype(mu):
+    """``make_train_step`` of a bfloat16 JAX model with ``Adam(convention="optax",
+    mu_dtype="bfloat16")``: the loss stayed where it started (the parameters never moved:
+    β₂ rounded to 1 in the bias correction). Now it trains as without ``mu_dtype``."""
+    import mithril as ml
+    from mithril.backends import JaxBackend
+    from mithril.utils.training import make_train_step
+
+    m = ml.Model()
+    m |= ml.Linear(3)(input="input", output="out")
+    m |= ml.SquaredError()(input="out", target="target", output="se")
+    m |= ml.Mean()(input="se", output=ml.IOKey("loss"))
+    b = JaxBackend(dtype="bfloat16")
+    c = ml.compile(m, b, shapes={"input": [8, 4], "target": [8, 3]})
+    rng = np.random.default_rng(0)
+    data = {"input": b.array(rng.standard_normal((8, 4)).astype(np.float32)),
+            "target": b.array(rng.standard_normal((8, 3)).astype(np.float32))}
+    params = c.get_parameters()
+    step = make_train_step(c, Adam(0.05, convention="optax", mu_dtype=mu), "loss")
+    state = step.init(params)
+    losses = []
+    for _ in range(10):
+        params, state, out = step(params, state, data)
+        losses.append(float(np.asarray(out["loss"]).astype(np.float32)))
+    assert all(str(v.dtype) == "bfloat16" for v in params.values())
+    assert losses[-1] < 0.5 * losses[0], losses
