@@ -174,3 +174,18 @@ def test_warmup_start_lr_with_a_warm_up_is_its_first_rate(tmp_path):
                  "--scheduler", "none", "--lr", "0.1", "--steps", "6", "--out", str(out)]) == 0
     lr = [float(r["lr"]) for r in rows(out.with_suffix(".csv"))]
     assert lr == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1, 0.1])
+
+
+def test_charlm_resumed_to_more_steps_names_its_default_warm_up(tmp_path, capsys):
+    """charlm's default warm-up is a tenth of --steps, so a resume to more steps changed it
+    and was refused with "only --steps may change" though only --steps was given; the
+    message now names the default and the --warmup-steps that keeps the run's, which
+    resumes."""
+    base = [*charlm(tmp_path), "--eval-every", "10"]
+    assert main([*base, "--steps", "20", "--out", str(tmp_path / "lm")]) == 0
+    err = usage_error(capsys, ["train", "--resume", str(tmp_path / "lm"), "--steps", "30"])
+    assert "settings.warmup_steps (2 in the run, 3 now)" in err
+    assert "give --warmup-steps 2 to keep the run's" in err
+    assert main(["train", "--resume", str(tmp_path / "lm"), "--steps", "30",
+                 "--warmup-steps", "2"]) == 0
+    assert len(rows(tmp_path / "lm" / "metrics.csv")) == 30

@@ -312,8 +312,14 @@ def restore(run: Any, ckpt: dict[str, Any], flag: str = "--resume",
               for k in sorted(set(saved) | set(now))
               if k not in MAY_CHANGE and saved.get(k) != now.get(k)]
     if differ:
+        hint = ""
+        if run.cfg.task == "charlm" and extra["args"].get("warmup_steps") is None and \
+                saved.get("settings.warmup_steps") != now.get("settings.warmup_steps"):
+            # (its default warm-up is a tenth of --steps: a longer run changes it)
+            hint = (f" (charlm's default warm-up is a tenth of --steps, at most 100: give "
+                    f"--warmup-steps {saved.get('settings.warmup_steps')} to keep the run's)")
         raise CLIError(f"{flag}: this command changes the run's {'; '.join(differ)}; "
-                       f"{KEPT}")
+                       f"{KEPT}{hint}")
     fp, fp_now = extra["data"], data_fingerprint(run.data)
     what = [f"{k} {fp[k]} then, {fp_now[k]} now" for k in ("train", "test", "classes")
             if fp[k] != fp_now[k]]
