@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -287,3 +288,58 @@ def test_save_sharded_keeps_the_permissions_of_the_shard_it_replaces(tmp_path) -
         loaded, st = load_sharded(tmp_path, DataParallel(Adam(0.1)))
         np.testing.assert_array_equal(loaded["w"], params["w"])
     assert os.listdir(tmp_path) == [os.path.basename(path)]
+
+
+def test_torch_reduce_lr_on_plateau_is_saved_and_resumes_bit_for_bit(tmp_path) -> None:
+    """torch's ReduceLROnPlateau over the torch drop-in keeps ``mode_worse`` = inf (and
+    ``best`` = inf before its first step): save_checkpoint refused its state ("must be
+    JSON-serialisable (finite floats)"), while torch's StepLR, OneCycleLR... were taken. Its
+    non-finite floats are now stored and read back as floats; the run resumed from the file
+    equals the uninterrupted one bit for bit, its scheduler's state torch's own."""
+    import torch
+
+    import mithril.utils.optimizers as mo
+    from mithril.interop import torch_optimizer
+    from mithril.utils.checkpoint import save_checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(8, 1, generator=gen, dtype=torch.float64)
+    metrics = [1.0, 0.9, 0.95, 0.97, 0.96, 0.99, 0.85, 0.86, 0.87, 0.88, 0.9, 0.91]
+
+    def make(lr: float):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1).double()
+        opt = torch_optimizer(mo.Adam(lr), model.named_parameters())
+        return model, opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1,
+                                                                      factor=0.5)
+
+    def run(model, opt, sched, steps) -> None:
+        for t in steps:
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+            sched.step(metrics[t])
+
+    model, opt, sched = make(0.1)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    save_checkpoint(tmp_path / "start", params, opt.mithril_optimizer, None, sched)
+    assert load_checkpoint(tmp_path / "start")["scheduler_state_dict"]["best"] == math.inf
+    run(model, opt, sched, range(5))
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    save_checkpoint(tmp_path / "ck", params, opt.mithril_optimizer, opt.mithril_state, sched)
+    run(model, opt, sched, range(5, 12))
+
+    model2, opt2, sched2 = make(0.7)
+    ck = load_checkpoint(tmp_path / "ck", params, scheduler=sched2)
+    assert sched2.state_dict()["mode_worse"] == math.inf
+    with torch.no_grad():
+        for n, p in model2.named_parameters():
+            p.copy_(ck["params"][n])
+    opt2.load_state_dict(ck["optimizer_state_dict"])
+    assert opt2.param_groups[0]["lr"] == 0.05
+    run(model2, opt2, sched2, range(5, 12))
+    assert sched2.state_dict() == sched.state_dict()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.00625
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)

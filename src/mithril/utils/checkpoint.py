@@ -70,6 +70,8 @@ from .checkpoint_format import (
     check_tensors,
     decode_metrics,
     encode_metrics,
+    floats_from_json,
+    floats_to_json,
     json_field,
     numpy_scalar,
     saved_hyperparameters,
@@ -193,7 +195,8 @@ def _encoded(path: str, params: Mapping[str, Any], optimizer: Any, state: Any,
                     tensors[f"opt/{slot}/{name}"] = arr
         meta["optimizer"] = opt_meta
     if scheduler is not None:
-        meta["scheduler"] = {"class": type(scheduler).__name__, "state": scheduler.state_dict()}
+        meta["scheduler"] = {"class": type(scheduler).__name__,
+                             "state": floats_to_json(scheduler.state_dict())}
 
     if depth(extra) >= MAX_DEPTH:
         raise ValueError(f"save_checkpoint: extra nests deeper than {MAX_DEPTH - 1} levels")
@@ -330,6 +333,8 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
                                  f"model_state_template['{n}'] has shape {shp}")
     ometa = _component_meta(meta, "optimizer", optimizer, where)
     smeta = _component_meta(meta, "scheduler", scheduler, where)
+    if smeta is not None:  # (a copy: the raw metadata is returned as stored)
+        smeta = {**smeta, "state": floats_from_json(smeta["state"])}
 
     backend = _resolve_backend(backend, params_template, optimizer, meta)
     params = {}

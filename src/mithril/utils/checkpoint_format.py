@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -165,6 +166,36 @@ def state_error(optimizer: Any, state: Any) -> TypeError:
             "save custom states through params or extra")
     return TypeError(f"state must be what {type(optimizer).__name__}.init/update returned "
                      f"(an OptimizerState), got {kind}: {hint}")
+
+
+#: how a non-finite float of a scheduler's state is stored (JSON has none): torch's
+#: ReduceLROnPlateau keeps ``mode_worse`` = inf, and ``best`` = inf before its first step
+_FLOAT = "mithril_float"
+
+
+def floats_to_json(value: Any) -> Any:
+    """``value`` (a scheduler's ``state_dict()``) with every non-finite float as
+    ``{"mithril_float": "inf" | "-inf" | "nan"}`` (ours store them as strings already;
+    torch's keep the floats, which ``json.dumps(allow_nan=False)`` refused)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {_FLOAT: "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"}
+    if isinstance(value, dict):
+        return {k: floats_to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [floats_to_json(v) for v in value]
+    return value
+
+
+def floats_from_json(value: Any) -> Any:
+    """The inverse of :func:`floats_to_json` (on parsed JSON, nested at most ``MAX_DEPTH``
+    levels)."""
+    if isinstance(value, dict):
+        if set(value) == {_FLOAT} and value[_FLOAT] in ("inf", "-inf", "nan"):
+            return float(value[_FLOAT])
+        return {k: floats_from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [floats_from_json(v) for v in value]
+    return value
 
 
 def check_mapping(name: str, value: Any) -> None:
