@@ -189,3 +189,13 @@ def test_charlm_resumed_to_more_steps_names_its_default_warm_up(tmp_path, capsys
     assert main(["train", "--resume", str(tmp_path / "lm"), "--steps", "30",
                  "--warmup-steps", "2"]) == 0
     assert len(rows(tmp_path / "lm" / "metrics.csv")) == 30
+
+
+def test_split_seed_does_not_apply_to_charlm(tmp_path, capsys):
+    """charlm holds out the end of the text: --split-seed 5 trained the same run as without
+    it, silently. Refused now, naming --seed (which does order the windows)."""
+    out = tmp_path / "lm"
+    err = usage_error(capsys, [*charlm(tmp_path), "--steps", "2", "--split-seed", "5",
+                               "--out", str(out)])
+    assert "--split-seed does not apply to charlm" in err and "--seed" in err
+    assert not out.exists()

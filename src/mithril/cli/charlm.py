@@ -111,6 +111,10 @@ def charlm_job(args: argparse.Namespace) -> Any:
         raise CLIError(f"--d-model {args.d_model} must be divisible by --heads {args.heads}")
     if not 0 < args.test_size < 1:
         raise CLIError(f"--test-size must be between 0 and 1, got {args.test_size}")
+    if getattr(args, "split_seed", None):  # (0: the parser's default, which runs saved hold)
+        raise CLIError(f"--split-seed does not apply to charlm: the held-out text is the last "
+                       f"--test-size of it, not a random split (got --split-seed "
+                       f"{args.split_seed}); --seed orders the training windows")
     alphabet = sorted(set(text))
     index = {c: i for i, c in enumerate(alphabet)}
     tokens = np.fromiter((index[c] for c in text), dtype=np.int64, count=len(text))
