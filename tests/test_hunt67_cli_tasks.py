@@ -199,3 +199,29 @@ def test_split_seed_does_not_apply_to_charlm(tmp_path, capsys):
                                "--out", str(out)])
     assert "--split-seed does not apply to charlm" in err and "--seed" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, flag, needs", [
+    (["train", "--clip-eps", "0"], "--clip-eps", "--clip-norm"),
+    (["train", "--normalize-eps", "0.5"], "--normalize-eps", "--normalize-grad"),
+    (["train", "--optimizer", "lookahead:inner=sgd,clip_eps=0"], "--clip-eps", "--clip-norm"),
+    (["compare", "--configs", "adam:clip_eps=0"], "--clip-eps", "--clip-norm"),
+])
+def test_an_epsilon_without_its_rule_is_refused_not_ignored(tmp_path, capsys, argv, flag,
+                                                           needs):
+    """--clip-eps (the global-norm clip's floor) without --clip-norm, and --normalize-eps
+    without --normalize-grad, changed nothing: refused now, naming both flags."""
+    out = tmp_path / "run"
+    err = usage_error(capsys, [*argv, "--epochs", "1", "--out", str(out)])
+    assert f"{flag} only applies with {needs}" in err and not out.exists()
+
+
+def test_clip_eps_with_clip_norm_is_the_clip_rule_of_optax(tmp_path):
+    """With --clip-norm, --clip-eps 0 is optax's clip_by_global_norm: a run logs the same
+    losses as one whose spec says so (and trains, where the refusal above does not hit)."""
+    argv = ["train", "--epochs", "1", "--hidden", "8", "--batch-size", "256", "--no-progress",
+            "--no-plot", "--optimizer", "sgd", "--lr", "1.0"]
+    assert main([*argv, "--clip-norm", "0.1", "--clip-eps", "0", "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv[:-4], "--optimizer", "sgd:lr=1.0,clip_norm=0.1,clip_eps=0",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert rows(tmp_path / "a" / "metrics.csv") == rows(tmp_path / "b" / "metrics.csv")

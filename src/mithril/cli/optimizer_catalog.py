@@ -337,6 +337,11 @@ def _kwargs(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
             default = type(getattr(CATALOG[name](), "fallback", None)).__name__
             if cli_name(default) in CATALOG:
                 kwargs[setting.arg] = _build(cli_name(default), {}, nested, flags=False)
+    for key, needs in (("clip_eps", "clip_norm"), ("normalize_eps", "normalize_grad")):
+        if settings.get(key) is not None and settings.get(needs) is None:  # (else: ignored)
+            raise CLIError(f"{OPTIONS[key].flag} only applies with {OPTIONS[needs].flag} (it "
+                           f"is that rule's epsilon), got {OPTIONS[key].flag} {settings[key]:g} "
+                           f"without it")
     for opt in COMMON_OPTIONS:
         if settings.get(opt.name) is not None:
             kwargs[opt.name] = settings[opt.name]
