@@ -53,8 +53,9 @@ class ReduceLROnPlateau(LRScheduler):
     cooldown=cooldown, min_lr=min_scale * base, eps=0)`` (``rtol=0, atol``:
     ``threshold=atol, threshold_mode="abs"``); Keras's callback ``ReduceLROnPlateau(factor,
     patience, min_delta, cooldown, min_lr)`` (``mode="min"``) is the same with
-    ``threshold=min_delta, threshold_mode="abs"`` and ``cooldown - 1`` (Keras counts the
-    evaluation of the reduction in its cooldown). Equal step for step in the tests.
+    ``threshold=min_delta, threshold_mode="abs"``, ``max(patience - 1, 0)`` (its
+    ``patience=0`` acts as its 1) and ``max(cooldown - 1, 0)`` (Keras counts the evaluation
+    of the reduction in its cooldown). Equal step for step in the tests.
 
     Args:
         optimizer: object with ``get_learning_rate`` / ``set_learning_rate``.
