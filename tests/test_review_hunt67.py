@@ -103,3 +103,33 @@ def test_recurrent_state_shape_error_names_the_batch_of_a_batch_first_input() ->
                        r"got shape \[1, 3, 4\]"):
         ml.compile(m, NumpyBackend(dtype="float64"),
                    shapes={"x": [2, 5, 3], "h0": [1, 3, 4], "c0": [1, 2, 4]})
+
+
+def test_checkpoint_extra_keeps_nan_and_infinities(tmp_path) -> None:
+    """``extra={"best_loss": inf}`` (a training loop's usual start) was refused as not JSON;
+    torch.save keeps it. Non-finite floats (Python's and NumPy's) now round-trip as floats,
+    as the scheduler state's and the metrics' do; a deep tuple is refused like a deep list."""
+    import math
+
+    import torch
+
+    from mithril.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    extra = {"best_loss": math.inf, "worst": -math.inf, "last": float("nan"),
+             "history": [1.0, np.float32("inf"), {"v": np.float64("-inf")}], "epoch": 3}
+    params = {"w": np.ones(2)}
+    save_checkpoint(tmp_path / "c.safetensors", params, extra=extra)
+    got = load_checkpoint(tmp_path / "c.safetensors")["extra"]
+    torch.save(extra, tmp_path / "t.pt")
+    want = torch.load(tmp_path / "t.pt", weights_only=False)
+    assert got["best_loss"] == want["best_loss"] == math.inf
+    assert got["worst"] == -math.inf and math.isnan(got["last"]) and got["epoch"] == 3
+    assert got["history"] == [1.0, math.inf, {"v": -math.inf}]
+    assert all(type(v) is float for v in (got["best_loss"], got["history"][1]))
+    deep: tuple = ()
+    for _ in range(70):
+        deep = (deep,)
+    before = (tmp_path / "c.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="extra nests deeper than 63 levels"):
+        save_checkpoint(tmp_path / "c.safetensors", params, extra=deep)
+    assert (tmp_path / "c.safetensors").read_bytes() == before

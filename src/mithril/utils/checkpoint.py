@@ -101,7 +101,9 @@ def save_checkpoint(path: str | os.PathLike, params: Mapping[str, Any], optimize
     ``optimizer`` alone saves its hyperparameters; with ``state`` (what ``optimizer.init`` /
     ``update`` returned) also the step counts and every state slot. ``extra`` must be
     JSON-serialisable (epoch, metrics, data-loader position, ...; NumPy numbers are saved as
-    the Python numbers they equal), nested at most 64 levels.
+    the Python numbers they equal; NaN and infinities, ``best_loss = inf``, as
+    ``{"mithril_float": "inf"}`` and read back as floats, as torch.save keeps them), nested
+    at most 64 levels.
     ``model_state``: the model's state as ``evaluate(..., state=...)`` returns it (BatchNorm's
     running statistics and ``num_batches_tracked``, as torch's ``state_dict`` holds a model's
     buffers). ``metrics``: name -> real number (``{"val_loss": 0.31}``; NaN and infinities
@@ -200,6 +202,7 @@ def _encoded(path: str, params: Mapping[str, Any], optimizer: Any, state: Any,
 
     if depth(extra) >= MAX_DEPTH:
         raise ValueError(f"save_checkpoint: extra nests deeper than {MAX_DEPTH - 1} levels")
+    meta["extra"] = floats_to_json(extra)  # (after the depth check: it recurses)
     try:
         header = json.dumps(meta, allow_nan=False, default=numpy_scalar)
     except (TypeError, ValueError, RecursionError) as e:
@@ -414,7 +417,7 @@ def load_checkpoint(path: str | os.PathLike, params_template: Mapping[str, Any] 
     if acc is not None:  # (cannot fail: the window's fields were checked with the rest)
         state = accumulate.restore(acc, meta, arrays, state, backend, params)
     return {"params": params, "state": state, "step": None if ometa is None else ometa["step"],
-            "extra": meta["extra"], "optimizer_state_dict": opt_sd,
+            "extra": floats_from_json(meta["extra"]), "optimizer_state_dict": opt_sd,
             "scheduler_state_dict": None if smeta is None else smeta["state"],
             "model_state": model_state, "metrics": None if "metrics" not in meta else
             decode_metrics(meta["metrics"]), "metadata": meta}

@@ -168,8 +168,9 @@ def state_error(optimizer: Any, state: Any) -> TypeError:
                      f"(an OptimizerState), got {kind}: {hint}")
 
 
-#: how a non-finite float of a scheduler's state is stored (JSON has none): torch's
-#: ReduceLROnPlateau keeps ``mode_worse`` = inf, and ``best`` = inf before its first step
+#: how a non-finite float of a scheduler's state or of ``extra`` is stored (JSON has none):
+#: torch's ReduceLROnPlateau keeps ``mode_worse`` = inf, and ``best`` = inf before its first
+#: step; a training loop's ``extra={"best_loss": inf}``
 _FLOAT = "mithril_float"
 
 
@@ -177,7 +178,7 @@ def floats_to_json(value: Any) -> Any:
     """``value`` (a scheduler's ``state_dict()``) with every non-finite float as
     ``{"mithril_float": "inf" | "-inf" | "nan"}`` (ours store them as strings already;
     torch's keep the floats, which ``json.dumps(allow_nan=False)`` refused)."""
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
         return {_FLOAT: "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"}
     if isinstance(value, dict):
         return {k: floats_to_json(v) for k, v in value.items()}

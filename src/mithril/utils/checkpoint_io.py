@@ -119,7 +119,7 @@ def depth(value: Any) -> int:
         v, d = stack.pop()
         if isinstance(v, dict):
             children = v.values()
-        elif isinstance(v, list):
+        elif isinstance(v, (list, tuple)):  # (a tuple is saved as a JSON list)
             children = v
         else:
             continue
