@@ -10,6 +10,7 @@ retried step must give the one-process result. ``gather``: the same EMA swapped 
 during ``gather_state`` (sharded): every rank must raise at once, and the retry gather the
 whole state. ``overflow``: finite gradients whose step overflows rank 1's tensor only, under
 ``nonfinite="propagate"`` (sharded): every rank must count and report it as one process.
+``dp_empty``: DP-SGD where rank 1 holds no example at some steps (0 rows, or ``{}``).
 """
 
 from __future__ import annotations
@@ -146,6 +147,52 @@ def overflow_grads() -> dict[str, np.ndarray]:
     return {"w": np.full((3, 4), 1e-10), "b": np.full(12, 100.0)}
 
 
+DP_SHAPES, DP_LR, DP_CLIP, DP_SEED = {"w": (3, 2), "b": (2,)}, 0.5, 0.3, 7
+#: each step's examples on rank 0 and rank 1 (None: rank 1 passes {}, a rank out of batches)
+DP_ROWS = [(3, 0), (2, None), (1, 2)]
+
+
+def dp_examples(t: int, rank: int) -> dict[str, np.ndarray]:
+    """Rank ``rank``'s per-example gradients at step ``t`` (rows: DP_ROWS)."""
+    rows = DP_ROWS[t][rank]
+    if rows is None:
+        return {}
+    rng = np.random.default_rng(1000 + 10 * t + rank)
+    return {n: rng.normal(size=(rows, *s)) for n, s in DP_SHAPES.items()}
+
+
+def dp_case(rank: int) -> dict[str, Any]:
+    """DP-SGD (replicated) where rank 1 holds no example at some steps; then a step with
+    no example on any rank (refused on every rank, nothing changed)."""
+    from mithril import distributed as dist
+    from mithril.utils.optimizers import DPSGD
+
+    out: dict[str, Any] = {}
+    for noise in (1.1, 0.0):
+        dp = dist.DataParallel(DPSGD(DP_LR, l2_norm_clip=DP_CLIP, noise_multiplier=noise,
+                                     seed=DP_SEED))
+        params = {n: np.zeros(s) for n, s in DP_SHAPES.items()}
+        state = dp.init(params)
+        got: dict[str, Any] = {"steps": []}
+        try:
+            for t in range(len(DP_ROWS)):
+                params, state = dp.update(params, dp_examples(t, rank), state)
+                got["steps"].append(listed(params))
+        except Exception as e:  # noqa: BLE001
+            got["error"] = err(e)
+        before = listed(params)
+        empty = {n: np.zeros((0, *s)) for n, s in DP_SHAPES.items()}
+        try:
+            params, state = dp.update(params, empty, state)
+            got["all_empty"] = None
+        except Exception as e:  # noqa: BLE001
+            got["all_empty"] = err(e)
+        got["unchanged"] = listed(params) == before
+        got["count"] = float(state.local.values["dp_count"])
+        out[str(noise)] = got
+    return out
+
+
 def main() -> None:
     rank, world, port, out, case = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                     sys.argv[4], sys.argv[5])
@@ -155,7 +202,8 @@ def main() -> None:
     dist.init(rank, world, master_addr="127.0.0.1", master_port=port, timeout=TIMEOUT)
     try:
         res = (gather_case(rank) if case == "gather" else overflow_case(rank)
-               if case == "overflow" else swap_case(rank, case == "swap_sharded"))
+               if case == "overflow" else dp_case(rank) if case == "dp_empty" else
+               swap_case(rank, case == "swap_sharded"))
     except Exception as e:  # noqa: BLE001
         res = {"crash": "".join(traceback.format_exception(e))[-3000:]}
     with open(f"{out}.{rank}.json", "w") as f:

@@ -162,3 +162,50 @@ def test_results_overflowing_on_one_ranks_tensors_count_on_every_rank(tmp_path) 
             np.testing.assert_array_equal(got["params"][n], p.detach().numpy())
     assert np.isneginf(ranks[0]["params"]["b"]).all()
     assert ranks[0]["gathered"] == 1
+
+
+@pytest.mark.slow
+def test_dp_sgd_with_a_rank_holding_no_example(tmp_path) -> None:
+    """DP-SGD on 2 ranks where rank 1 has no example at a step (0 rows; ``{}``, a rank out of
+    batches) and rank 0 has some: the step one process takes on the whole batch (noise
+    included), and without noise optax.contrib.dpsgd's. It was refused on every rank
+    ("per-example gradients of an empty batch"), so such a run could not train. A step with
+    no example on any rank is still refused, on every rank, nothing changed."""
+    import jax
+    import optax
+
+    from mithril.utils.optimizers import DPSGD
+
+    ranks = _run(tmp_path, "dp_empty")
+    whole = [{n: np.concatenate([W.dp_examples(t, r)[n] for r in range(2)
+                                 if W.dp_examples(t, r)], axis=0) for n in W.DP_SHAPES}
+             for t in range(len(W.DP_ROWS))]
+    for noise in (1.1, 0.0):
+        opt = DPSGD(W.DP_LR, l2_norm_clip=W.DP_CLIP, noise_multiplier=noise, seed=W.DP_SEED)
+        params = {n: np.zeros(s) for n, s in W.DP_SHAPES.items()}
+        st = opt.init(params)
+        want = []
+        for g in whole:
+            params, st = opt.update(params, g, st)
+            want.append({n: np.array(a) for n, a in params.items()})
+        for r, res in enumerate(ranks):
+            got = res[str(noise)]
+            assert "error" not in got, got["error"]
+            for t, step in enumerate(got["steps"]):
+                for n in W.DP_SHAPES:
+                    np.testing.assert_allclose(step[n], want[t][n], rtol=0, atol=TOL,
+                                               err_msg=f"rank {r} noise {noise} step {t} {n}")
+            assert got["all_empty"]["type"] == "ShapeError", got["all_empty"]
+            assert "empty batch" in got["all_empty"]["msg"]
+            assert got["unchanged"] and got["count"] == len(W.DP_ROWS)
+    jax.config.update("jax_enable_x64", True)
+    tx = optax.contrib.dpsgd(W.DP_LR, W.DP_CLIP, 0.0, seed=W.DP_SEED)
+    params = {n: jax.numpy.zeros(s, dtype="float64") for n, s in W.DP_SHAPES.items()}
+    ost = tx.init(params)
+    for t, g in enumerate(whole):
+        upd, ost = tx.update({n: jax.numpy.asarray(a) for n, a in g.items()}, ost, params)
+        params = optax.apply_updates(params, upd)
+        for r, res in enumerate(ranks):
+            for n in W.DP_SHAPES:
+                np.testing.assert_allclose(res["0.0"]["steps"][t][n], np.asarray(params[n]),
+                                           rtol=0, atol=TOL, err_msg=f"optax rank {r} {t} {n}")

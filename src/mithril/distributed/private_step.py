@@ -41,7 +41,9 @@ def private_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     try:
         dp._check_step(params, {}, state)
         dp._local_loss(loss)  # (refused: DP-SGD takes no loss)
-        batch = opt.check_per_example(params, gradients, state.local)
+        # (a rank may hold no example of a step whose batch has some: an uneven last
+        # batch, Poisson sampling; it was refused, and so the step on every rank)
+        batch = opt.check_per_example(params, gradients, state.local, allow_empty=True)
     except (TypeError, ValueError, KeyError) as e:
         refused = e
     present = [0.0] * len(names) if refused is not None else [
@@ -54,6 +56,8 @@ def private_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         pg.agree("DataParallel.update", refused)
     check_settings_votes("DataParallel.update", opt, flags[2 + len(names):], state.world)
     total = int(round(float(flags[1 + len(names)])))
+    if total == 0 and opt.expected_batch_size is None:  # (every rank alike: nothing changed)
+        raise opt.empty_batch_error(f"no example on any of the {state.world} ranks")
     xp = ops_for(opt._backend)
     sums = clipped_sums(xp, gradients, batch, opt.l2_norm_clip, opt.clip_epsilon)
     dp._pack({n: s.reshape(tuple(params[n].shape)) for n, s in sums.items()}, state)

@@ -154,14 +154,18 @@ class DifferentiallyPrivate(OuterWrapper):
         return state
 
     def check_per_example(self, params: Mapping[str, Any], gradients: Any,
-                          state: OptimizerState) -> int:
+                          state: OptimizerState, allow_empty: bool = False) -> int:
         """The batch size of ``gradients`` (per-example, checked against ``params`` and
-        ``state``), or the error naming the key and shapes."""
+        ``state``), or the error naming the key and shapes. ``allow_empty``: one rank's
+        share of a data-parallel step, which may hold no example (0 rows, or ``{}``: a rank
+        out of batches) where the whole step's batch does not (checked over the ranks)."""
         who = type(self).__name__
         check_grads(self, params, {}, state, "gradients")  # (the params and state first)
         self.check_own({k: getattr(self, k) for k in self.OWN})  # (set as attributes since)
         if COUNT not in state.values:
             raise ValueError(f"{who}: state lacks {COUNT!r} (not made by {who}.init?)")
+        if isinstance(gradients, Mapping) and not gradients and allow_empty:
+            return 0
         if not isinstance(gradients, Mapping) or not gradients:
             raise TypeError(f"{who}.update takes per-example gradients, a non-empty dict of "
                             f"arrays ({_HINT}), got {describe(gradients)}")
@@ -177,15 +181,19 @@ class DifferentiallyPrivate(OuterWrapper):
         if len(sizes) > 1:
             raise ShapeError(f"{who}: the per-example gradients disagree on the batch size "
                              f"(axis 0): {', '.join(f'{n!r} {s}' for n, s in shapes.items())}")
-        if sizes == {0} and self.expected_batch_size is None:
-            raise ShapeError(f"{who}: per-example gradients of an empty batch (shapes {shapes}); "
-                             f"with Poisson sampling set expected_batch_size, and an empty "
-                             f"batch is a step of noise alone (as Opacus takes it)")
+        if sizes == {0} and self.expected_batch_size is None and not allow_empty:
+            raise self.empty_batch_error(f"shapes {shapes}")
         # (each row as a gradient: the backend, dtype and names, as the base would check; an
         # empty batch's sum is a zero row of the same kind)
         check_grads(self, params, {n: g[:1].reshape(tuple(g.shape[1:])) if len(g) else g.sum(0)
                                    for n, g in gradients.items()}, state, "gradients")
         return sizes.pop()
+
+    def empty_batch_error(self, what: str) -> ShapeError:
+        """The refusal of a step whose whole batch holds no example (``what``: its shapes)."""
+        return ShapeError(f"{type(self).__name__}: per-example gradients of an empty batch "
+                          f"({what}); with Poisson sampling set expected_batch_size, and an "
+                          f"empty batch is a step of noise alone (as Opacus takes it)")
 
     def aggregate(self, gradients: Mapping[str, Any], batch: int, step: int) -> dict[str, Any]:
         """``ḡ`` of the class docs for the per-example ``gradients`` at 1-based ``step`` (on
