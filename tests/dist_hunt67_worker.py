@@ -11,6 +11,7 @@ during ``gather_state`` (sharded): every rank must raise at once, and the retry 
 whole state. ``overflow``: finite gradients whose step overflows rank 1's tensor only, under
 ``nonfinite="propagate"`` (sharded): every rank must count and report it as one process.
 ``dp_empty``: DP-SGD where rank 1 holds no example at some steps (0 rows, or ``{}``).
+``sophia``: Sophia with each rank's own Hessian-diagonal estimate (``dp.update_hessian``).
 """
 
 from __future__ import annotations
@@ -193,6 +194,49 @@ def dp_case(rank: int) -> dict[str, Any]:
     return out
 
 
+SOPHIA_LR, SOPHIA_STEPS, SOPHIA_EVERY = 0.01, 5, 2
+
+
+def sophia_inputs(t: int, rank: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Rank ``rank``'s gradients and Hessian-diagonal estimate at step ``t``."""
+    rng = np.random.default_rng(500 + 10 * t + rank)
+    return ({n: rng.normal(size=s) for n, s in SHAPES.items()},
+            {n: rng.uniform(0.1, 2.0, size=s) for n, s in SHAPES.items()})
+
+
+def sophia_case(rank: int) -> dict[str, Any]:
+    """Sophia under DataParallel (replicated, sharded): each rank folds in the estimate of
+    its share (``dp.update_hessian``) after the steps ``hessian_due`` names."""
+    from mithril import distributed as dist
+    from mithril.utils.optimizers import Sophia
+
+    out: dict[str, Any] = {}
+    for shard in (False, True):
+        dp = dist.DataParallel(Sophia(SOPHIA_LR, update_interval=SOPHIA_EVERY),
+                               shard_state=shard)
+        params = init_params()
+        state = dp.init(params)
+        steps, used = [], 0
+        for t in range(SOPHIA_STEPS):
+            g, h = sophia_inputs(t, rank)
+            due = dp.optimizer.hessian_due(state.local)
+            params, state = dp.update(params, g, state)
+            if due:
+                state = dp.update_hessian(state, h)
+                used += 1
+            steps.append(listed(params))
+        try:  # a bad estimate on rank 1 only: refused on every rank
+            bad = dict(sophia_inputs(0, rank)[1])
+            if rank == 1:
+                bad["w"] = bad["w"][:2]
+            dp.update_hessian(state, bad)
+            refused = None
+        except Exception as e:  # noqa: BLE001
+            refused = err(e)
+        out[str(shard)] = {"steps": steps, "used": used, "refused": refused}
+    return out
+
+
 def main() -> None:
     rank, world, port, out, case = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                     sys.argv[4], sys.argv[5])
@@ -203,6 +247,7 @@ def main() -> None:
     try:
         res = (gather_case(rank) if case == "gather" else overflow_case(rank)
                if case == "overflow" else dp_case(rank) if case == "dp_empty" else
+               sophia_case(rank) if case == "sophia" else
                swap_case(rank, case == "swap_sharded"))
     except Exception as e:  # noqa: BLE001
         res = {"crash": "".join(traceback.format_exception(e))[-3000:]}

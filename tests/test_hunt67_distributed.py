@@ -209,3 +209,34 @@ def test_dp_sgd_with_a_rank_holding_no_example(tmp_path) -> None:
             for n in W.DP_SHAPES:
                 np.testing.assert_allclose(res["0.0"]["steps"][t][n], np.asarray(params[n]),
                                            rtol=0, atol=TOL, err_msg=f"optax rank {r} {t} {n}")
+
+
+@pytest.mark.slow
+def test_sophia_folds_the_mean_of_the_ranks_estimates(tmp_path) -> None:
+    """Sophia on 2 ranks, each with the gradients and the Hessian-diagonal estimate of its
+    share: ``dp.update_hessian`` folds their mean in on every rank (replicated and sharded),
+    which is optax.contrib.sophia fed the mean gradients and mean estimates. Before there was
+    no such method: each rank folded its own estimate into its own state (the replicas
+    drifted apart silently; sharded, its state refused the other tensors). A bad estimate
+    on one rank is refused on every rank."""
+    from test_sophia import optax_run
+
+    grads, hs = [], []
+    for t in range(W.SOPHIA_STEPS):
+        (g0, h0), (g1, h1) = W.sophia_inputs(t, 0), W.sophia_inputs(t, 1)
+        grads.append({n: (g0[n] + g1[n]) / 2 for n in W.SHAPES})
+        if t % W.SOPHIA_EVERY == 0:
+            hs.append({n: (h0[n] + h1[n]) / 2 for n in W.SHAPES})
+    want = optax_run({"update_interval": W.SOPHIA_EVERY}, W.init_params(), grads, hs,
+                     W.SOPHIA_LR)
+    ranks = _run(tmp_path, "sophia")
+    for r, res in enumerate(ranks):
+        for shard in ("False", "True"):
+            got = res[shard]
+            assert got["used"] == len(hs) == 3
+            for t, step in enumerate(got["steps"]):
+                for n in W.SHAPES:
+                    np.testing.assert_allclose(step[n], want[t][n], rtol=0, atol=TOL,
+                                               err_msg=f"rank {r} sharded={shard} {t} {n}")
+            assert got["refused"]["type"] == "ShapeError", got["refused"]
+            assert "estimate['w']" in got["refused"]["msg"]

@@ -330,6 +330,15 @@ class DataParallel(FixedParts):
         pg.all_reduce(flag)
         return bool(flag[0] == 0.0)
 
+    def update_hessian(self, state: DistributedState, estimate: Mapping[str, Any]
+                       ) -> DistributedState:
+        """Sophia's :meth:`~mithril.utils.optimizers.Sophia.update_hessian` with this rank's
+        ``estimate`` (of its share of the batch): the mean over ranks is folded in on every
+        rank, as one process folds the whole batch's (:mod:`.hessian_step`)."""
+        from .hessian_step import update_hessian
+
+        return update_hessian(self, state, estimate)
+
     def gradient_views(self, state: DistributedState) -> dict[str, Any]:
         """Arrays inside the communication buffer, one per parameter: gradients written into
         them (and passed to :meth:`update` as they are) are not copied."""
