@@ -188,8 +188,12 @@ def _add_scaled_scratch(xp: NumpyOps, p: Any, o: Any, alpha: float) -> Any:
     if xp.name == "numpy" and o.dtype == p.dtype:
         return np.add(p, np.multiply(o, alpha, out=o))
     if xp.name == "torch" and o.dtype != p.dtype and o.is_floating_point():
-        wide = _buffers(xp.m, "wide", tuple(o.shape), p.dtype, 1, o.device)[0]
-        return xp.m.add(p, wide.copy_(o), alpha=alpha)
+        # (in the promoted dtype, rounded once: float16 p + bfloat16 o is float32 in
+        # torch's add_, where an add of two float16 tensors rounds differently)
+        dt = xp.m.promote_types(p.dtype, o.dtype)
+        wide = _buffers(xp.m, "wide", tuple(o.shape), dt, 1, o.device)[0]
+        out = xp.m.add(p, wide.copy_(o), alpha=alpha)
+        return out if out.dtype == p.dtype else out.to(p.dtype)
     return xp.add_scaled(p, o, alpha)
 
 
