@@ -225,3 +225,10 @@ def test_clip_eps_with_clip_norm_is_the_clip_rule_of_optax(tmp_path):
     assert main([*argv[:-4], "--optimizer", "sgd:lr=1.0,clip_norm=0.1,clip_eps=0",
                  "--out", str(tmp_path / "b")]) == 0
     assert rows(tmp_path / "a" / "metrics.csv") == rows(tmp_path / "b" / "metrics.csv")
+
+
+def test_temperature_without_a_sample_is_refused_not_ignored(tmp_path, capsys):
+    out = tmp_path / "lm"
+    err = usage_error(capsys, [*charlm(tmp_path), "--steps", "2", "--temperature", "0.5",
+                               "--out", str(out)])  # (charlm(): --sample-chars 0)
+    assert "--temperature 0.5 only applies to the sample" in err and not out.exists()

@@ -182,6 +182,9 @@ def resolve_defaults(args: argparse.Namespace, task: str) -> None:
             raise CLIError(f"--precision {args.precision} and --mixed-precision "
                            f"{args.mixed_precision} disagree; give one")
         args.mixed_precision = args.precision
+    if task == "charlm" and args.sample_chars == 0 and args.temperature is not None:
+        raise CLIError(f"--temperature {args.temperature:g} only applies to the sample: it "
+                       f"does nothing with --sample-chars 0")
     if task == "charlm" and args.epochs is not None:
         raise CLIError("--epochs does not apply to charlm: its budget is --steps (measured "
                        "every --eval-every steps)")
