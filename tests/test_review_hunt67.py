@@ -133,3 +133,38 @@ def test_checkpoint_extra_keeps_nan_and_infinities(tmp_path) -> None:
     with pytest.raises(ValueError, match="extra nests deeper than 63 levels"):
         save_checkpoint(tmp_path / "c.safetensors", params, extra=deep)
     assert (tmp_path / "c.safetensors").read_bytes() == before
+
+
+def test_accumulate_refuses_an_empty_first_micro_batch(tmp_path) -> None:
+    """``Accumulate.update(params, {}, state)`` on a window's first call was taken and
+    counted: the window's keys became none, every later micro-batch was refused and the state
+    could not be saved (stuck). It is refused now, nothing changed; the same window then runs
+    as ``optax.MultiSteps`` does."""
+    import jax.numpy as jnp
+    import optax
+
+    from mithril.utils.accumulation import Accumulate
+    from mithril.utils.checkpoint import save_checkpoint
+    from mithril.utils.optimizers import Adam
+
+    params = {"w": np.array([1.0, -2.0, 0.5]), "b": np.array([0.25, 0.0])}
+    acc = Accumulate(Adam(0.1), 2)
+    state = acc.init(params)
+    with pytest.raises(ValueError, match=r"gradients is empty on the window's first micro-batch "
+                                         r"\(params: \['b', 'w'\]\)"):
+        acc.update(params, {}, state)
+    assert state.micro_step == 0 and state.accumulator.count == 0
+    grads = [{"w": np.array([0.5, 1.0, -1.0]), "b": np.array([2.0, -0.5])},
+             {"w": np.array([-0.25, 0.5, 3.0]), "b": np.array([1.0, 1.5])}]
+    p = params
+    for g in grads:
+        p, state = acc.update(p, g, state)
+    save_checkpoint(tmp_path / "c.safetensors", p, acc, state)
+    tx = optax.MultiSteps(optax.adam(0.1), 2)
+    q = {k: jnp.asarray(v) for k, v in params.items()}
+    s = tx.init(q)
+    for g in grads:
+        u, s = tx.update({k: jnp.asarray(v) for k, v in g.items()}, s, q)
+        q = optax.apply_updates(q, u)
+    for k in params:
+        np.testing.assert_allclose(p[k], np.asarray(q[k]), rtol=1e-5)  # (optax: float32)

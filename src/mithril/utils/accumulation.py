@@ -269,6 +269,12 @@ class Accumulate:
         k = self.k_for(state)
         if isinstance(gradients, Mapping) and isinstance(params, Mapping):
             _check_against_params(gradients, params, self.optimizer)
+            if not gradients and params and acc.count == 0 and k > 1:
+                # (the first micro-batch's keys are the window's: {} refused every later one,
+                # and the state could not be saved)
+                raise ValueError(f"Accumulate.update: gradients is empty on the window's first "
+                                 f"micro-batch (params: {sorted(map(str, params))}); its keys "
+                                 f"are the window's, every later micro-batch must bring them")
         fn, info = self.should_skip_update_fn, state.skip_state
         if fn is not None:
             acc._check(gradients, weight)  # (a bad micro-batch raises, is not skipped)
