@@ -13,6 +13,7 @@ Arguments are checked before anything is created: a bad shape is a
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,6 +98,17 @@ def refuse_device_mesh(device_mesh: Any, who: str) -> None:
             "make_sharded_train_step); see docs/distributed.md")
 
 
+def _int_bound(v: Any, who: str) -> int:
+    """A ``randint`` bound as an int; a ``TypeError`` naming it for a float or anything else
+    that is not an integer (torch's ``randint`` refuses them; NumPy would truncate 0.5)."""
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"randint(): {who} must be an int, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"randint(): {who} must be an int, got {v!r}") from None
+
+
 class ArrayHelpers:
     """Mixed into :class:`~mithril.backends.Backend`. Each backend supplies ``array``,
     ``to_numpy``, ``_xp()`` (its NumPy-like namespace) and the few overrides in its module."""
@@ -156,6 +168,16 @@ class ArrayHelpers:
 
     def _dt(self, dtype: Any, who: str, default: str | None = None) -> str | None:
         return dtype_arg(dtype, f"{type(self).__name__}.{who}(dtype=...)") or default
+
+    def _float_dt(self, dtype: Any, who: str) -> str:
+        """The float dtype of a draw from a continuous distribution (``randn``, ``rand``,
+        ``rand_uniform``): an integer or bool ``dtype`` is a ``DTypeError``, as torch and
+        ``jax.random`` refuse it (the samples would be truncated, ``rand`` to all zeros)."""
+        dt = self._dt(dtype, who, self.dtype)
+        if dt not in _BITS:
+            raise DTypeError(f"{type(self).__name__}.{who}(dtype={dtype!r}): samples of a "
+                             f"continuous distribution need a float dtype, one of {tuple(_BITS)}")
+        return dt  # type: ignore[return-value]
 
     # -- creation ----------------------------------------------------------------------------
     def zeros(self, *shape: int | Sequence[int], dtype: Any = None, device_mesh: Any = None) -> Any:
@@ -220,14 +242,14 @@ class ArrayHelpers:
               device_mesh: Any = None) -> Any:
         """Standard-normal samples of ``shape`` (``randn(32, 784)`` or ``randn((32, 784))``)."""
         refuse_device_mesh(device_mesh, f"{type(self).__name__}.randn")
-        s, dt = shape_arg(shape, "randn"), self._dt(dtype, "randn", self.dtype)
+        s, dt = shape_arg(shape, "randn"), self._float_dt(dtype, "randn")
         return self.array(self._gen(key).standard_normal(s), dt)
 
     def rand(self, *shape: int | Sequence[int], dtype: Any = None, key: int | None = None,
              device_mesh: Any = None) -> Any:
         """Uniform samples in [0, 1) of ``shape``."""
         refuse_device_mesh(device_mesh, f"{type(self).__name__}.rand")
-        s, dt = shape_arg(shape, "rand"), self._dt(dtype, "rand", self.dtype)
+        s, dt = shape_arg(shape, "rand"), self._float_dt(dtype, "rand")
         return self.array(self._gen(key).random(s), dt)
 
     def rand_uniform(self, low: Any, high: Any, *shape: int | Sequence[int], dtype: Any = None,
@@ -235,7 +257,7 @@ class ArrayHelpers:
         """Uniform samples in [low, high) of ``shape`` (no shape: one sample, or the broadcast
         shape of array bounds)."""
         refuse_device_mesh(device_mesh, f"{type(self).__name__}.rand_uniform")
-        s, dt = shape_arg(shape, "rand_uniform"), self._dt(dtype, "rand_uniform", self.dtype)
+        s, dt = shape_arg(shape, "rand_uniform"), self._float_dt(dtype, "rand_uniform")
         lo, hi = self._scalar(low), self._scalar(high)
         if np.any(lo > hi):
             raise ValueError(f"rand_uniform(): low must be <= high, got {low!r} > {high!r}")
@@ -247,8 +269,15 @@ class ArrayHelpers:
         int64 on NumPy and torch, int32 on JAX)."""
         refuse_device_mesh(device_mesh, f"{type(self).__name__}.randint")
         s, dt = shape_arg(shape, "randint"), self._dt(dtype, "randint", self.int_dtype)
+        low, high = _int_bound(low, "low"), _int_bound(high, "high")
         if high <= low:
             raise ValueError(f"randint(): high must be > low, got low={low}, high={high}")
+        if dt not in _BITS:  # (as torch and NumPy: no draw wrapped around into the dtype)
+            info = None if dt == "bool" else np.iinfo(dt)
+            lo, hi = (0, 1) if info is None else (int(info.min), int(info.max))
+            if low < lo or high - 1 > hi:
+                raise ValueError(f"randint(low={low}, high={high}, dtype={dt!r}): [low, high) "
+                                 f"must lie in the range of {dt}, [{lo}, {hi}]")
         return self.array(self._gen(key).integers(low, high, s), dt)
 
     def multinomial(self, probs: Any, num_samples: int, replacement: bool = False,
