@@ -485,6 +485,9 @@ class LRScheduler:
         d["_inside"] = True  # (the values are checked here)
         try:
             self._load_checked(state)
+            unknown = sorted(set(state) - set(self.state_dict()))  # (a typo, a newer version)
+            if unknown:
+                raise KeyError(f"state_dict key(s) {unknown} unknown to {type(self).__name__}")
         finally:
             if not inside:
                 del d["_inside"]
