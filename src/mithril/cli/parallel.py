@@ -204,6 +204,12 @@ def check(world: World, run: Any) -> None:
     if world.shard_state and run.cfg.ema is not None:
         raise CLIError("--ema with --shard-state: each process keeps the average of its own "
                        "share of the weights only; leave one of them out")
+    if world.shard_state and hasattr(getattr(run, "optimizer", None), "eval_params"):
+        # (it ran, evaluating and saving the gradient point y where one process measures
+        # and saves the averaged x: other final metrics, another model.safetensors)
+        raise CLIError(f"--optimizer {run.cfg.optimizer} with --shard-state: the run is "
+                       f"evaluated and saved at the schedule-free averaged weights x, which "
+                       f"need every process's share of its state z; leave --shard-state out")
 
 
 def describe(world: World, batch_size: int) -> str:
