@@ -267,3 +267,21 @@ def test_jax_train_step_bfloat16_model_with_mu_dtype(mu):
         losses.append(float(np.asarray(out["loss"]).astype(np.float32)))
     assert all(str(v.dtype) == "bfloat16" for v in params.values())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_torch_bfloat16_state_dict_without_ml_dtypes(monkeypatch):
+    """ml_dtypes comes with JAX, not with torch: a torch-only install saves a torch bfloat16
+    state's NumPy dict as the exactly equal float32 values (``arrays="torch"``: bfloat16),
+    and the load resumes bit for bit."""
+    import sys
+
+    p = {"w": torch.linspace(-1, 1, 6, dtype=torch.bfloat16)}
+    opt = Adam(1e-2)
+    p, state = opt.update(p, {"w": torch.full((6,), 0.3, dtype=torch.bfloat16)}, opt.init(p))
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # (import ml_dtypes: ImportError)
+    d = opt.state_dict(state)
+    assert opt.state_dict(state, arrays="torch")["slots"]["m"]["w"].dtype == torch.bfloat16
+    assert d["slots"]["m"]["w"].dtype == np.float32
+    np.testing.assert_array_equal(d["slots"]["m"]["w"], state.slot("m")["w"].float().numpy())
+    restored = Adam().load_state_dict(d, {"w": p["w"].clone()})
+    np.testing.assert_array_equal(_bits(restored.slot("v")["w"]), _bits(state.slot("v")["w"]))

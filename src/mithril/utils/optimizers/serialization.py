@@ -364,8 +364,10 @@ def _own_slot(view: Any, arrays: str) -> Any:
     t = view.detach().cpu().clone()
     if arrays == "torch" or t.dtype != torch.bfloat16:
         return t if arrays == "torch" else t.numpy()
-    import ml_dtypes
-
+    try:
+        import ml_dtypes
+    except ImportError:  # (a torch-only install: its exactly equal float32 values, which
+        return t.float().numpy()  # load_state_dict takes back)
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
 
 
