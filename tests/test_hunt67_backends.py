@@ -60,3 +60,39 @@ def test_randint_refuses_bounds_outside_its_dtype(backend_cls):
     np.testing.assert_array_equal(b.to_numpy(b.randint(np.int64(2), 4, 3, key=3)),
                                   np.random.default_rng(3).integers(2, 4, 3))
     assert b.to_numpy(b.randint(0, 2, 4, dtype="bool", key=0)).dtype == np.bool_
+
+
+def test_a_device_that_is_not_here_is_refused_when_the_backend_is_made():
+    # torch.device("cuda") is accepted on a machine without CUDA; the backend then failed at
+    # its first tensor, deep inside (AssertionError: Torch not compiled with CUDA enabled)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    torch.device("cuda")  # (torch accepts the name) ...
+    with pytest.raises(AssertionError):
+        torch.zeros(2, device="cuda")  # ... and fails at the first tensor
+    for device in ("cuda", "cuda:0", 0, "gpu"):
+        with pytest.raises(ValueError, match=r"TorchBackend\(device=.*no such torch device"):
+            ml.TorchBackend(device=device)
+    b = ml.TorchBackend(dtype="float64")
+    with pytest.raises(ValueError, match=r"to_device\(device='cuda'\).*devices present: \['cpu'\]"):
+        b.to_device(b.ones(2), "cuda")
+    assert ml.TorchBackend(device=None).device == torch.device("cpu")  # (the default)
+    assert b.to_device(b.ones(2), "cpu").device.type == "cpu"
+    # JAX names its platforms: a missing one is a ValueError naming the argument too
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        with pytest.raises(RuntimeError):
+            jax.local_devices(backend="cuda")
+        with pytest.raises(ValueError, match=r"JaxBackend\(device='cuda'\).*platforms present"):
+            ml.JaxBackend(device="cuda")
+        with pytest.raises(ValueError, match=r"to_device\(device='gpu'\)"):
+            ml.JaxBackend().to_device(np.ones(2), "gpu")
+    # a backend made for the CPU runs a model on it as before
+    from mithril.models import Linear
+
+    compiled = ml.compile(Linear(3), ml.TorchBackend(dtype="float64", device="cpu"),
+                          shapes={"input": [2, 4]})
+    params = compiled.get_parameters()
+    x = np.arange(8.0).reshape(2, 4)
+    out = compiled.evaluate(params, {"input": x})["output"]
+    w, bias = params["linear.weight"], params["linear.bias"]
+    np.testing.assert_allclose(out.numpy(), x @ w.numpy().T + bias.numpy(), rtol=1e-12)

@@ -56,6 +56,20 @@ def key_seed(seed: Any) -> Any:
     return int(words[0]) << 32 | int(words[1])
 
 
+def jax_device(platform: str, who: str) -> Any:
+    """This process's first device of ``platform`` (``"cpu"``, ``"gpu"``, ``"cuda"``), else a
+    ``ValueError`` naming it and the platforms present (JAX's own is a ``RuntimeError``)."""
+    import jax
+
+    try:
+        return jax.local_devices(backend=platform)[0]
+    except (RuntimeError, ValueError, IndexError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        present = sorted({d.platform for d in jax.local_devices()})
+        raise ValueError(f"{who}(device={platform!r}): no such JAX platform here ({why}); "
+                         f"platforms present: {present}") from None
+
+
 class JaxBackend(Backend):
     """Arrays are ``jax.Array``. ``dtype="float64"`` turns on ``jax_enable_x64``. ``seed``
     may be a JAX PRNG key (``jax.random.PRNGKey(7)`` is seed 7: :func:`key_seed`)."""
@@ -77,7 +91,7 @@ class JaxBackend(Backend):
             jax.config.update("jax_enable_x64", True)
         # this process's own device: under jax.distributed, jax.devices() lists every
         # process's, and another's cannot be written from here
-        self.device = jax.local_devices(backend=device)[0] if device else jax.local_devices()[0]
+        self.device = jax_device(device, "JaxBackend") if device else jax.local_devices()[0]
         # arrays are committed only to a device named (here or by jax_default_device): on
         # JAX's default device they stay uncommitted, as jnp's own, so they follow arrays
         # placed elsewhere (on a mesh) and a jitted function taking them with the
@@ -126,7 +140,7 @@ class JaxBackend(Backend):
         """``data`` on the first JAX device of kind ``device`` (``"cpu"``, ``"gpu"``)."""
         import jax
 
-        out = jax.device_put(self._native(data), jax.local_devices(backend=device)[0])
+        out = jax.device_put(self._native(data), jax_device(device, "JaxBackend.to_device"))
         return out if asynchronous else out.block_until_ready()
 
     def block_until_ready(self, data: Any = None) -> Any:

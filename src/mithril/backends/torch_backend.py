@@ -64,6 +64,30 @@ def _from_numpy(data: Any) -> Any:
     return torch.as_tensor(a if a.flags.writeable and a.flags.c_contiguous else a.copy())
 
 
+def torch_device(device: Any, who: str) -> Any:
+    """``device`` (``"cpu"``, ``"cuda:1"``, a ``torch.device``; ``None`` is ``"cpu"``) as a
+    ``torch.device`` this process can put tensors on, else a ``ValueError`` naming it and the
+    devices there are: torch itself accepts ``"cuda"`` on a machine without CUDA and fails
+    at the first tensor, deep inside (``AssertionError: Torch not compiled with CUDA``)."""
+    import torch
+
+    try:
+        dev = torch.device("cpu" if device is None else device)
+        if dev.type == "cuda":  # (without creating a CUDA context, as a tensor would)
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0 or (dev.index or 0) >= n:
+                raise RuntimeError(f"{n} CUDA device(s) present")
+        elif dev.type not in ("cpu", "meta"):
+            torch.empty(0, device=dev)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())
+                           if torch.cuda.is_available()]
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]  # (torch's start)
+        raise ValueError(f"{who}(device={device!r}): no such torch device here ({why}); "
+                         f"devices present: {found}") from None
+    return dev
+
+
 _TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64", "int64", "int32", "int16", "int8",
                  "uint8", "bool")
 
@@ -131,7 +155,7 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, dtype: str | None = None, seed: int = 0, device: str = "cpu", *,
+    def __init__(self, dtype: str | None = None, seed: int = 0, device: Any = "cpu", *,
                  precision: int | None = None, device_mesh: Any = None) -> None:
         """``dtype`` / ``precision`` and ``seed`` as :class:`~mithril.backends.Backend`;
         ``device``: a torch device (``"cpu"``, ``"cuda:0"``); ``device_mesh`` is refused (see
@@ -139,7 +163,7 @@ class TorchBackend(Backend):
         refuse_device_mesh(device_mesh, "TorchBackend")
         import torch
 
-        self.device = torch.device(device)
+        self.device = torch_device(device, "TorchBackend")
         self.native_type = torch.Tensor
         super().__init__(dtype, seed, precision=precision)
         self._xp = _TorchNumpy()  # the operators' forwards
@@ -197,7 +221,8 @@ class TorchBackend(Backend):
 
     def to_device(self, data: Any, device: str, asynchronous: bool = True) -> Any:
         """``data`` on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``)."""
-        return self._native(data).to(device, non_blocking=asynchronous)
+        dev = torch_device(device, "TorchBackend.to_device")
+        return self._native(data).to(dev, non_blocking=asynchronous)
 
     def block_until_ready(self, data: Any = None) -> Any:
         """Wait for the device's queued work (CUDA); returns ``data``."""
