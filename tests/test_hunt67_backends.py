@@ -96,3 +96,75 @@ def test_a_device_that_is_not_here_is_refused_when_the_backend_is_made():
     out = compiled.evaluate(params, {"input": x})["output"]
     w, bias = params["linear.weight"], params["linear.bias"]
     np.testing.assert_allclose(out.numpy(), x @ w.numpy().T + bias.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend_cls", [ml.NumpyBackend, ml.JaxBackend])
+def test_torch_tensors_into_the_numpy_and_jax_backends(backend_cls):
+    # np.asarray refuses a bfloat16 tensor and one that requires grad: array() and to_numpy()
+    # raised torch's TypeError / RuntimeError; they take them as torch's .detach() values
+    bf = torch.tensor([1.5, -2.25, 3.140625, 1e-3], dtype=torch.bfloat16)
+    with pytest.raises(TypeError):
+        np.asarray(bf)
+    want_bf = bf.float().numpy()
+    b = backend_cls(dtype="float64")
+    got = b.array(bf)  # float data in the backend dtype, the same values
+    assert b.dtype_name(got) == "float64"
+    np.testing.assert_array_equal(b.to_numpy(got), want_bf.astype(np.float64))
+    kept = b.array(bf, dtype="bfloat16")  # the same bits
+    assert b.dtype_name(kept) == "bfloat16"
+    np.testing.assert_array_equal(b.to_numpy(kept).astype(np.float32), want_bf)
+    assert b.to_numpy(bf).astype(np.float32).tolist() == want_bf.tolist()
+    w = torch.linspace(-1, 1, 6, dtype=torch.float64, requires_grad=True).reshape(2, 3)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        np.asarray(w)
+    np.testing.assert_array_equal(b.to_numpy(b.array(w)), w.detach().numpy())
+    np.testing.assert_array_equal(b.to_numpy(w), w.detach().numpy())
+    i = torch.arange(4, dtype=torch.int32)
+    assert b.dtype_name(b.array(i)) == "int32"
+    # a model evaluated on the backend with torch tensors as its input
+    from mithril.models import Linear
+
+    c = ml.compile(Linear(2), b, shapes={"input": [2, 3]})
+    params = c.get_parameters()
+    out = c.evaluate(params, {"input": b.array(w)})["output"]
+    ref = torch.nn.functional.linear(w.detach(), torch.tensor(np.array(params["linear.weight"])),
+                                     torch.tensor(np.array(params["linear.bias"])))
+    np.testing.assert_allclose(b.to_numpy(out), ref.numpy(), rtol=1e-12)
+
+
+def _aligned(n: int, dtype: type) -> np.ndarray:
+    size = np.dtype(dtype).itemsize
+    buf = np.empty(n * size + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off:off + n * size].view(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_jax_backend_array_does_not_alias_the_callers_buffer(dtype):
+    # jnp.asarray(a, dtype=...) on the CPU keeps a 64-byte aligned host buffer (a torch
+    # tensor's, a large NumPy array's) without a copy: the "immutable" jax.Array then changed
+    # when the caller wrote into its buffer (a reused batch buffer); jnp.array copies
+    b = ml.JaxBackend(dtype=dtype)
+    u = _aligned(256, np.dtype(dtype).type)
+    u[:] = 1.0
+    ref = jax.numpy.array(u)
+    x = b.array(u)
+    u[0] = 100.0
+    assert float(ref[0]) == 1.0 and float(x[0]) == 1.0
+    t = torch.ones(256, dtype=getattr(torch, dtype))
+    y = b.array(t)
+    t[0] = 7.0
+    assert float(y[0]) == 1.0
+    # the same input array gives the same output after the caller wrote the tensor again
+    from mithril.models import Linear
+
+    c = ml.compile(Linear(2), b, shapes={"input": [128, 2]}, jit=False)
+    params = c.get_parameters()
+    batch = torch.ones(128, 2, dtype=getattr(torch, dtype))
+    xb = b.array(batch)
+    first = np.array(c.evaluate(params, {"input": xb})["output"])
+    batch.fill_(5.0)
+    np.testing.assert_array_equal(np.array(c.evaluate(params, {"input": xb})["output"]), first)
+    w, bias = (np.asarray(params[k], dtype=np.float64) for k in ("linear.weight", "linear.bias"))
+    np.testing.assert_allclose(first, np.ones((128, 2)) @ w.T + bias,
+                               rtol=1e-6 if dtype == "float32" else 1e-12)

@@ -42,6 +42,22 @@ def shape_arg(shape: tuple[Any, ...], who: str = "shape") -> tuple[int, ...]:
     return tuple(out)
 
 
+def host_array(data: Any) -> np.ndarray:
+    """``data`` as a NumPy array; a torch tensor (which ``np.asarray`` refuses when it
+    requires grad, lives on a GPU or is bfloat16) detached, on the CPU, bfloat16 as
+    ml_dtypes' (the same bits)."""
+    if type(data).__module__.startswith("torch") and hasattr(data, "detach"):
+        import torch
+
+        t = data.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(data)
+
+
 def dtype_arg(dtype: Any, who: str = "dtype") -> str | None:
     """The name of ``dtype`` (``"float32"``, ``ml.float32``, ``np.float32``, ``torch.float32``,
     ``jnp.int32``, ``bool``), ``None`` for ``None``; ``DTypeError`` for anything else."""

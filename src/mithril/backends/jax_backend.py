@@ -11,7 +11,7 @@ import numpy as np
 from ..compiler.interpret import outputs_of, run_forward
 from ..models.context import M32, RunContext
 from .backend import Backend, Evaluator
-from .helpers import dtype_arg, refuse_device_mesh
+from .helpers import dtype_arg, host_array, refuse_device_mesh
 
 
 def aval_getter(array_type: type) -> Any:
@@ -120,16 +120,18 @@ class JaxBackend(Backend):
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
             refuse_x64_off()
         dtype = dtype if dtype is None or isinstance(dtype, str) else dtype_arg(dtype)
-        a = data if isinstance(data, jax.Array) else np.asarray(data)
+        a = data if isinstance(data, jax.Array) else host_array(data)
         if dtype is None and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             dtype = self.dtype
         if isinstance(a, jax.Array):  # stays where it is
             return a if dtype is None else a.astype(dtype)
         x = jnp.asarray(a, dtype=dtype)
+        if _aliases(x, a):  # (a jax.Array must not change when the caller writes into ``a``)
+            x = jnp.array(x, copy=True)
         return jax.device_put(x, self.device) if self._commit else x
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)
+        return host_array(x)
 
     def stop_gradient(self, input: Any) -> Any:
         import jax
@@ -156,6 +158,18 @@ class JaxBackend(Backend):
 
     def evaluator(self, program: Any, jit: bool) -> Evaluator:
         return _JaxEvaluator(program, jit, x64=self.dtype == "float64")
+
+
+def _aliases(x: Any, a: np.ndarray) -> bool:
+    """Whether the ``jax.Array`` ``x`` is ``a``'s own host memory: ``jnp.asarray(a, dtype)``
+    on the CPU takes a 64-byte aligned buffer (a torch tensor's, a large NumPy array's)
+    without a copy, so writing into ``a`` afterwards would change the immutable ``x``."""
+    if a.size == 0:
+        return False
+    try:
+        return bool(x.unsafe_buffer_pointer() == a.ctypes.data)
+    except Exception:  # (an array of several devices has no one pointer: not aliased here)
+        return False
 
 
 def refuse_x64_off() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..compiler.codegen import forward_plan, forward_vjp_plan
 from .backend import Backend, Evaluator
-from .helpers import dtype_arg
+from .helpers import dtype_arg, host_array
 
 
 def numpy_dtype(name: str) -> Any:
@@ -40,14 +40,14 @@ class NumpyBackend(Backend):
         """``data`` (a list, number or array) as an ndarray; floats in the backend dtype
         unless ``dtype`` (a name, ``ml.float32`` or a NumPy dtype) says otherwise."""
         dtype = dtype if dtype is None or isinstance(dtype, str) else dtype_arg(dtype)
-        a = np.asarray(data)
+        a = host_array(data)
         if dtype is None and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             dtype = self.dtype
         # not ascontiguousarray: it turns 0-d arrays into shape (1,)
         return a if dtype is None else np.asarray(a, dtype=numpy_dtype(dtype), order="C")
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)
+        return host_array(x)
 
     def evaluator(self, program: Any, jit: bool) -> Evaluator:
         return _NumpyEvaluator(program, self.native_dtype())
