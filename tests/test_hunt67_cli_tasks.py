@@ -232,3 +232,28 @@ def test_temperature_without_a_sample_is_refused_not_ignored(tmp_path, capsys):
     err = usage_error(capsys, [*charlm(tmp_path), "--steps", "2", "--temperature", "0.5",
                                "--out", str(out)])  # (charlm(): --sample-chars 0)
     assert "--temperature 0.5 only applies to the sample" in err and not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--momentum-cycle"], ["--scheduler", "onecycle"]])
+def test_charlm_one_cycle_is_torchs_without_a_default_warm_up_before_it(tmp_path, flags):
+    """charlm put its default warm-up (a tenth of --steps) before one-cycle too: the rate
+    climbed to --lr in 4 steps, fell to --lr/25 and climbed again. One-cycle warms up
+    itself: now the run's rates (and β₁ with --momentum-cycle) are torch's OneCycleLR over
+    all the steps."""
+    torch = pytest.importorskip("torch")
+    out = tmp_path / "lm"
+    base = charlm(tmp_path)
+    i = base.index("--scheduler")
+    del base[i:i + 2]  # (charlm(): --scheduler none)
+    assert main([*base, "--steps", "40", "--eval-every", "10", *flags, "--out", str(out)]) == 0
+    log = rows(out / "metrics.csv")
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=40)
+    for row in log:
+        assert float(row["lr"]) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        if "momentum" in row:
+            assert float(row["momentum"]) == pytest.approx(opt.param_groups[0]["betas"][0])
+        opt.step()
+        sched.step()
+    assert ("momentum" in log[0]) == (flags == ["--momentum-cycle"])

@@ -192,7 +192,12 @@ def resolve_defaults(args: argparse.Namespace, task: str) -> None:
         if getattr(args, name, None) is None and not _not_taken(args, name):
             setattr(args, name, value)
     if task == "charlm" and args.warmup_steps is None:
-        args.warmup_steps = min(100, args.steps // 10)
+        # none before one-cycle, which warms up itself: the rate would climb to --lr, drop to
+        # one-cycle's start (--lr / --div-factor) and climb again
+        first = (args.scheduler or ["onecycle" if getattr(args, "momentum_cycle", False)
+                                    else "cosine"])[0]
+        args.warmup_steps = 0 if first.partition(":")[0].strip().lower() == "onecycle" \
+            else min(100, args.steps // 10)
     if task == "tabular" and args.target is None and needs_target(args.data):
         raise CLIError(f"--data {args.data}: give --target COLUMN, the column to predict")
 
