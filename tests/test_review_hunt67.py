@@ -168,3 +168,26 @@ def test_accumulate_refuses_an_empty_first_micro_batch(tmp_path) -> None:
         q = optax.apply_updates(q, u)
     for k in params:
         np.testing.assert_allclose(p[k], np.asarray(q[k]), rtol=1e-5)  # (optax: float32)
+
+
+@pytest.mark.parametrize("arg", ["trainable_keys", "data_keys", "discard_keys"])
+def test_compile_key_sets_take_none(arg: str) -> None:
+    """``compile(..., trainable_keys=None)`` (and ``data_keys`` / ``discard_keys``) failed
+    with a bare "'NoneType' object is not iterable" while ``shapes=None`` and
+    ``constant_keys=None`` were taken: None is the empty set, a number a TypeError naming
+    the argument."""
+    import mithril as ml
+    from mithril.backends import NumpyBackend
+    from mithril.models import Linear, Model
+
+    m = Model()
+    m |= Linear(2)(input="x", output="y")
+    b = NumpyBackend(dtype="float64")
+    c = ml.compile(m, b, shapes={"x": [3, 4]}, **{arg: None})
+    params = {"linear.weight": np.arange(8.0).reshape(2, 4) / 8, "linear.bias": np.array([0.5, -1.0])}
+    x = np.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    np.testing.assert_allclose(c.evaluate(params, {"x": x})["y"],
+                               x @ params["linear.weight"].T + params["linear.bias"], rtol=1e-15)
+    with pytest.raises(TypeError, match=rf"compile\({arg}=...\) must be a key or a set of keys, "
+                                        r"got int"):
+        ml.compile(m, b, shapes={"x": [3, 4]}, **{arg: 5})

@@ -59,11 +59,16 @@ def _param_role_name(model: Any, key: Terminal) -> str | None:
     return f"{_child_names(model, '')[idx]}.{key.key}"
 
 
-def key_names(model: Any, keys: Iterable[Any], what: str) -> tuple[Any, ...]:
+def key_names(model: Any, keys: Iterable[Any] | None, what: str) -> tuple[Any, ...]:
     """``key_name`` of each key of a key set (a single name is one key), each once: a key
     given by name and by object (``["x", model.x]``) is one key."""
+    if keys is None:  # (as the published compile's defaults)
+        return ()
     if isinstance(keys, (str, IOKey, Terminal)):
         keys = (keys,)
+    elif not isinstance(keys, Iterable):
+        raise TypeError(f"compile({what}=...) must be a key or a set of keys, got "
+                        f"{type(keys).__name__}")
     return tuple(dict.fromkeys(key_name(model, k, what) for k in keys))
 
 
