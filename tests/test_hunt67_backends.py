@@ -168,3 +168,41 @@ def test_a_jax_backend_array_does_not_alias_the_callers_buffer(dtype):
     w, bias = (np.asarray(params[k], dtype=np.float64) for k in ("linear.weight", "linear.bias"))
     np.testing.assert_allclose(first, np.ones((128, 2)) @ w.T + bias,
                                rtol=1e-6 if dtype == "float32" else 1e-12)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_a_backend_deep_copies_and_pickles(backend_cls):
+    # the NumPy backend copied and pickled; torch's and JAX's raised (cannot pickle 'module'
+    # object / 'Device' object), and so did copy.deepcopy of an optimizer bound to them,
+    # where copy.deepcopy(torch.optim.Adam(...)) works
+    import copy
+    import pickle
+
+    from mithril.utils.optimizers import Adam
+
+    copy.deepcopy(torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], lr=0.1))
+    b = backend_cls(dtype="float64", seed=11)
+    b.randn(4)  # (the copy continues the stream from here)
+    want = np.random.default_rng(11)
+    want.standard_normal(4)
+    want = want.standard_normal(5)
+    for clone in (copy.deepcopy(b), pickle.loads(pickle.dumps(b))):
+        assert type(clone) is backend_cls and clone.dtype == "float64" and clone.seed == 11
+        assert str(clone.get_device()) == str(b.get_device())
+        np.testing.assert_array_equal(clone.to_numpy(clone.randn(5)), want)
+        assert clone.is_native(clone.ones(2)) and clone.dtype_name(clone.ones(2)) == "float64"
+    np.testing.assert_array_equal(b.to_numpy(b.randn(5)), want)  # (the original's own stream)
+    opt = Adam(lr=0.1)
+    params = {"w": b.ones(3)}
+    state = opt.init(params)
+    params, state = opt.update(params, {"w": b.ones(3)}, state)
+    twin = copy.deepcopy(opt)  # (an optimizer bound to the backend)
+    assert twin.hyperparameters() == opt.hyperparameters()
+    fresh = {"w": b.ones(3)}
+    fresh, _ = twin.update(fresh, {"w": b.ones(3)}, twin.init(fresh))
+    ref = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    torch_opt = torch.optim.Adam([ref], lr=0.1)
+    ref.grad = torch.ones(3, dtype=torch.float64)
+    torch_opt.step()
+    for p in (params, fresh):
+        np.testing.assert_allclose(b.to_numpy(p["w"]), ref.detach().numpy(), rtol=1e-12)

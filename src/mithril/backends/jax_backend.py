@@ -98,6 +98,25 @@ class JaxBackend(Backend):
         # (uncommitted) scalars of optax's init compiles once, not again at its second call
         self._commit = bool(device) or jax.config.jax_default_device is not None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and ``pickle`` (an optimizer or its state holds its
+        backend): the settings and the generator's state, the device as (platform, id)."""
+        state = {k: v for k, v in self.__dict__.items() if k != "native_type"}
+        state["device"] = (self.device.platform, self.device.id)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import jax
+
+        platform, index = state["device"]
+        self.__dict__.update(state)
+        self.native_type = jax.Array
+        if self.dtype == "float64":
+            jax.config.update("jax_enable_x64", True)
+        jax_device(platform, "JaxBackend")  # (a platform not here: the ValueError naming it)
+        self.device = next((d for d in jax.local_devices(backend=platform) if d.id == index),
+                           jax.local_devices(backend=platform)[0])
+
     is_manualgrad = False
 
     def set_seed(self, seed: Any) -> None:

@@ -166,10 +166,26 @@ class TorchBackend(Backend):
         self.device = torch_device(device, "TorchBackend")
         self.native_type = torch.Tensor
         super().__init__(dtype, seed, precision=precision)
+        self._namespaces()
+
+    def _namespaces(self) -> None:
+        import torch
+
         self._xp = _TorchNumpy()  # the operators' forwards
-        self._xp.float_dtype = getattr(torch, self.dtype) if self.dtype in (
-            "float16", "bfloat16", "float32", "float64") else torch.float32
+        self._xp.float_dtype = getattr(torch, self.dtype)
         self._helpers = _TorchHelpers()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and ``pickle`` (an optimizer or its state holds its
+        backend): the settings and the generator's state, without the torch namespaces."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_xp", "_helpers")}
+        state["device"] = str(self.device)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.device = torch_device(state["device"], "TorchBackend")
+        self._namespaces()
 
     is_manualgrad = False
 
