@@ -206,3 +206,36 @@ def test_a_backend_deep_copies_and_pickles(backend_cls):
     torch_opt.step()
     for p in (params, fresh):
         np.testing.assert_allclose(b.to_numpy(p["w"]), ref.detach().numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_the_backend_dtype_as_a_numpy_torch_or_jax_dtype(backend_cls):
+    # the helpers took dtype=np.float64 / torch.float64 / jnp.float64; the backend itself
+    # refused them (ValueError "dtype must be one of ..."), where torch and NumPy take them
+    import ml_dtypes
+
+    assert torch.zeros(2, dtype=torch.float64).dtype == torch.float64
+    for dt, name in ((np.float64, "float64"), (torch.float64, "float64"),
+                     (jax.numpy.float64, "float64"), (np.dtype("float16"), "float16"),
+                     (torch.bfloat16, "bfloat16"), (ml_dtypes.bfloat16, "bfloat16"),
+                     (ml.float64, "float64")):
+        b = backend_cls(dtype=dt, seed=2)
+        assert b.dtype == name and b.dtype_name(b.randn(3)) == name
+        np.testing.assert_allclose(b.to_numpy(b.randn(3)).astype(np.float64),
+                                   np.random.default_rng(2).standard_normal(6)[3:],
+                                   rtol=1e-2 if name in ("float16", "bfloat16") else 1e-15)
+    for bad in (np.int32, torch.int64, "int32", "complex64"):
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            backend_cls(dtype=bad)
+    with pytest.raises(ValueError, match="disagree"):
+        backend_cls(dtype=np.float64, precision=32)
+
+
+def test_numpy_backend_takes_the_published_device_argument():
+    # the published NumpyBackend(device="cpu", ...) raised TypeError (unexpected keyword)
+    b = ml.NumpyBackend(device="cpu", dtype="float64")
+    assert b.get_device() == "cpu" and b.dtype == "float64"
+    for be in (ml.NumpyBackend, ml.TorchBackend, ml.JaxBackend):  # one spelling for all three
+        assert be(dtype="float64", seed=0, device="cpu").dtype == "float64"
+    with pytest.raises(ValueError, match=r"NumpyBackend\(device='cuda'\).*CPU only"):
+        ml.NumpyBackend(device="cuda")

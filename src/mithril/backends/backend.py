@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..dtypes import check_dtype
-from .helpers import DTYPE_NAMES, ArrayHelpers, resolve_dtype
+from ..errors import DTypeError
+from .helpers import DTYPE_NAMES, ArrayHelpers, dtype_arg, resolve_dtype
 
 
 class Evaluator(ABC):
@@ -51,6 +52,11 @@ class Backend(ArrayHelpers, ABC):
         """``dtype``: the float dtype to compute in (default ``"float32"``); ``precision``: the
         published spelling of it in bits (16, 32 or 64), refused when it disagrees with
         ``dtype``; ``seed``: of the generator behind parameter initialisation."""
+        if dtype is not None and not isinstance(dtype, str):  # np.float64, torch.float64
+            try:
+                dtype = dtype_arg(dtype)
+            except DTypeError:
+                pass  # (check_dtype's ValueError names it)
         dtype = resolve_dtype(dtype, precision, type(self).__name__)
         self.dtype = check_dtype("float32" if dtype is None else dtype)
         self.set_seed(seed)

@@ -30,6 +30,14 @@ class NumpyBackend(Backend):
     is_manualgrad = True  # gradients from hand-written VJPs, as the published NumpyBackend
     device = "cpu"
 
+    def __init__(self, dtype: str | None = None, seed: int = 0, device: str = "cpu", *,
+                 precision: int | None = None) -> None:
+        """As :class:`~mithril.backends.Backend`; ``device`` (as published) can only be the CPU."""
+        if str(device) not in ("cpu", "cpu:0"):
+            raise ValueError(f"NumpyBackend(device={device!r}): NumPy runs on the CPU only "
+                             "(device='cpu'); for a GPU use TorchBackend or JaxBackend")
+        super().__init__(dtype, seed, precision=precision)
+
     def _ns(self) -> Any:
         return np
 
