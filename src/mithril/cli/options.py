@@ -105,7 +105,8 @@ OPTIMIZER_OPTIONS = [
 #: options every optimizer takes (fused into its update)
 COMMON_OPTIONS = [
     _opt("clip_norm", "float", "clip the global gradient norm to this value (torch "
-         "clip_grad_norm_ convention)", metavar="N"),
+         "clip_grad_norm_ convention); none: no clipping (charlm's default is 1)",
+         metavar="N"),
     _opt("clip_eps", "float", "the global-norm clip's floor: scale min(1, N/(norm + E)); "
          "default 1e-6 as torch, 0 as optax's clip_by_global_norm and Keras's "
          "global_clipnorm", metavar="E"),
@@ -527,13 +528,28 @@ def add_options(parser: argparse.ArgumentParser, title: str, options: Sequence[O
                                help=o.help)
         elif o.kind == "choice":
             group.add_argument(o.flag, dest=o.name, choices=o.choices, help=o.help)
+        elif o.name in OFF_OPTIONS:
+            group.add_argument(o.flag, dest=o.name, type=float_or_off, metavar=o.metavar,
+                               help=o.help)
         else:
             group.add_argument(o.flag, dest=o.name,
                                type=finite_float if o.kind == "float" else OPTION_INT,
                                metavar=o.metavar, help=o.help)
 
 
+#: options whose flag takes ``none`` (a job's default turned off: charlm's --clip-norm 1)
+OFF_OPTIONS = frozenset({"clip_norm"})
+
+
+def float_or_off(text: str) -> float | str:
+    """A finite number, or ``none`` (kept as the string ``"none"``: set, so a job's default
+    does not replace it, and left out of the settings)."""
+    if text.strip().lower() == "none":
+        return "none"
+    return finite_float(text)
+
+
 def settings_from(ns: argparse.Namespace, options: Iterable[Option]) -> dict[str, Any]:
-    """The options given on the command line (unset ones are left out)."""
+    """The options given on the command line (unset ones, and ``none``, are left out)."""
     return {o.name: getattr(ns, o.name) for o in options
-            if getattr(ns, o.name, None) is not None}
+            if getattr(ns, o.name, None) not in (None, "none")}
