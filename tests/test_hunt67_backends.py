@@ -239,3 +239,30 @@ def test_numpy_backend_takes_the_published_device_argument():
         assert be(dtype="float64", seed=0, device="cpu").dtype == "float64"
     with pytest.raises(ValueError, match=r"NumpyBackend\(device='cuda'\).*CPU only"):
         ml.NumpyBackend(device="cuda")
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_relu_sort_and_topk_helpers_equal_torch(backend_cls):
+    # relu turned NaN into 0 (torch.relu, jax.nn.relu and the Relu block keep it); a
+    # descending sort negated its input: unsigned values wrapped ([3, 0, 200] sorted to
+    # [0, 200, 3]), bool was refused, and NaN went last where torch puts it first (topk too)
+    b = backend_cls(dtype="float64")
+    x = np.array([[-3.0, 0.0, np.nan, 2.0], [1.0, -np.inf, np.inf, 5.0]])
+    t = torch.tensor(x)
+    np.testing.assert_array_equal(b.to_numpy(b.relu(b.array(x))), torch.relu(t).numpy())
+    np.testing.assert_array_equal(np.asarray(jax.nn.relu(x)), torch.relu(t).numpy())
+    np.testing.assert_array_equal(b.to_numpy(b.sort(b.array(x), descending=True)),
+                                  torch.sort(t, descending=True).values.numpy())
+    np.testing.assert_array_equal(b.to_numpy(b.sort(b.array(x), axis=0, descending=True)),
+                                  torch.sort(t, dim=0, descending=True).values.numpy())
+    np.testing.assert_array_equal(b.to_numpy(b.topk(b.array(x), 2)), torch.topk(t, 2).values.numpy())
+    for data, dt in (([3, 0, 200, 17], torch.uint8), ([True, False, True], torch.bool),
+                     ([5, -7, 2**40, 0], torch.int64)):
+        ref = torch.sort(torch.tensor(data, dtype=dt), descending=True).values.numpy()
+        got = b.to_numpy(b.sort(b.array(np.array(data, dtype=ref.dtype)), descending=True))
+        assert got.dtype == ref.dtype
+        np.testing.assert_array_equal(got, ref)
+    ref = torch.topk(torch.tensor([3, 0, 200, 17], dtype=torch.uint8), 2).values.numpy()
+    np.testing.assert_array_equal(b.to_numpy(b.topk(b.array(np.array([3, 0, 200, 17], np.uint8)), 2)),
+                                  ref)
+    np.testing.assert_array_equal(b.to_numpy(b.sort(b.array(x))), torch.sort(t).values.numpy())

@@ -334,8 +334,9 @@ class ArrayHelpers:
         return self._ns().sqrt(self._native(input))
 
     def relu(self, input: Any) -> Any:
+        """max(x, 0); NaN stays NaN (as ``torch.relu``, ``jax.nn.relu`` and the ``Relu`` block)."""
         x, xp = self._native(input), self._ns()
-        return xp.where(x > 0, x, xp.zeros_like(x))
+        return xp.where(x <= 0, xp.zeros_like(x), x)
 
     def leaky_relu(self, input: Any, slope: float | Any) -> Any:
         x = self._native(input)
@@ -397,8 +398,12 @@ class ArrayHelpers:
         return self._ns().any(self._native(input))
 
     def sort(self, input: Any, axis: int = -1, descending: bool = False) -> Any:
+        """``input`` sorted along ``axis``; ``descending``: the ascending sort reversed, as
+        ``torch.sort(descending=True)`` (NaN first; unsigned and bool inputs too, which
+        negating would wrap or refuse)."""
         x, xp = self._native(input), self._ns()
-        return -xp.sort(-x, axis=axis) if descending else xp.sort(x, axis=axis)
+        out = xp.sort(x, axis=axis)
+        return xp.flip(out, axis=axis) if descending else out
 
     def topk(self, input: Any, k: int) -> Any:
         """The ``k`` largest values along the last axis, largest first."""

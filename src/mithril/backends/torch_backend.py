@@ -133,6 +133,9 @@ class _TorchHelpers:
     def sort(self, x: Any, axis: int = -1) -> Any:
         return self.t.sort(x, dim=axis).values
 
+    def flip(self, x: Any, axis: int) -> Any:
+        return self.t.flip(x, dims=(axis,))
+
     def transpose(self, x: Any, axes: tuple[int, ...]) -> Any:
         return x.permute(*axes)
 
