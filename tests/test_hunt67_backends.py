@@ -266,3 +266,24 @@ def test_relu_sort_and_topk_helpers_equal_torch(backend_cls):
     np.testing.assert_array_equal(b.to_numpy(b.topk(b.array(np.array([3, 0, 200, 17], np.uint8)), 2)),
                                   ref)
     np.testing.assert_array_equal(b.to_numpy(b.sort(b.array(x))), torch.sort(t).values.numpy())
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_zeros_like_keeps_the_dtype_of_another_frameworks_array(backend_cls):
+    # "zeros with input's shape and (unless dtype) dtype": an array of another framework
+    # (or a NumPy one on torch / JAX) was first converted to the backend float dtype, so a
+    # float16 or float32 input gave float64 zeros, where np / torch / jnp.zeros_like keep it
+    b = backend_cls(dtype="float64")
+    inputs = (np.ones((2, 3), np.float16), np.ones(4, np.float32), torch.ones(2, dtype=torch.float32),
+              jax.numpy.ones(3, jax.numpy.float32), np.arange(3, dtype=np.int16))
+    for x in inputs:
+        want = np.zeros_like(np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x))
+        assert str(jax.numpy.zeros_like(np.asarray(want)).dtype) == want.dtype.name
+        for fn, fill in ((b.zeros_like, 0), (b.ones_like, 1)):
+            got = fn(x)
+            assert b.is_native(got) and b.dtype_name(got) == want.dtype.name, (x, fn)
+            np.testing.assert_array_equal(b.to_numpy(got), want + fill)
+        assert b.dtype_name(b.zeros_like(x, dtype="float64")) == "float64"
+    # a list has no dtype of its own: floats in the backend dtype, as array() gives them
+    assert b.dtype_name(b.ones_like([1.0, 2.0])) == "float64"
+    assert b.dtype_name(b.zeros_like(b.array(np.ones(2), dtype="float16"))) == "float16"

@@ -212,15 +212,24 @@ class ArrayHelpers:
         """Zeros with ``input``'s shape and (unless ``dtype``) dtype."""
         refuse_device_mesh(device_mesh, f"{type(self).__name__}.zeros_like")
         dt = self._dt(dtype, "zeros_like")
-        out = self._ns().zeros_like(self._native(input))
+        out = self._ns().zeros_like(self._native_like(input))
         return out if dt is None else self.array(out, dt)
 
     def ones_like(self, input: Any, *, dtype: Any = None, device_mesh: Any = None) -> Any:
         """Ones with ``input``'s shape and (unless ``dtype``) dtype."""
         refuse_device_mesh(device_mesh, f"{type(self).__name__}.ones_like")
         dt = self._dt(dtype, "ones_like")
-        out = self._ns().ones_like(self._native(input))
+        out = self._ns().ones_like(self._native_like(input))
         return out if dt is None else self.array(out, dt)
+
+    def _native_like(self, x: Any) -> Any:
+        """``x`` as a native array of its own dtype where it has one (another framework's
+        array: ``jnp.zeros_like(np.float16 array)`` is float16), else as :meth:`array`
+        makes it (a list of floats in the backend dtype)."""
+        if isinstance(x, self.native_type) or not hasattr(x, "dtype"):
+            return self._native(x)
+        a = host_array(x)
+        return self.array(a, a.dtype.name if a.dtype.name in DTYPE_NAMES else None)
 
     def cast(self, value: Any, dtype: Any = None) -> Any:
         """``value`` as a native array of ``dtype`` (default: the backend's float dtype)."""
