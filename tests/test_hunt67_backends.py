@@ -287,3 +287,33 @@ def test_zeros_like_keeps_the_dtype_of_another_frameworks_array(backend_cls):
     # a list has no dtype of its own: floats in the backend dtype, as array() gives them
     assert b.dtype_name(b.ones_like([1.0, 2.0])) == "float64"
     assert b.dtype_name(b.zeros_like(b.array(np.ones(2), dtype="float16"))) == "float16"
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_multinomial_refuses_what_torch_refuses_before_drawing(backend_cls):
+    # a 0-d probs was an IndexError (tuple index out of range), a zero row NumPy's "contain
+    # NaN" after a RuntimeWarning, num_samples=0 an empty result: torch refuses them all
+    b = backend_cls(seed=5)
+    bad = ((np.array(1.0), 1, False), (np.array([[0.0, 0.0]]), 1, True),
+           (np.array([[-1.0, 2.0]]), 1, True), (np.array([[np.nan, 2.0]]), 1, True),
+           (np.array([[1.0, 2.0]]), 0, True), (np.array([[1.0, 2.0]]), 1.5, True))
+    for probs, n, repl in bad:
+        with pytest.raises((RuntimeError, TypeError)):
+            torch.multinomial(torch.tensor(probs), n, replacement=repl)
+        with pytest.raises(ValueError, match=r"multinomial\(\): (probs|num_samples)"):
+            b.multinomial(probs, n, replacement=repl)
+    # two draws without replacement from a row with one category above 0: NumPy refuses
+    # (after drawing the rows before it), torch's 2-d kernel then picks a 0-probability one
+    with pytest.raises(ValueError, match="non-zero"):
+        np.random.default_rng(0).choice(2, 2, replace=False, p=[1.0, 0.0])
+    with pytest.raises(ValueError, match="fewer than num_samples=2"):
+        b.multinomial(np.array([[0.2, 0.8], [1.0, 0.0]]), 2)
+    # nothing was drawn; the stream continues as NumPy's from the seed
+    np.testing.assert_allclose(b.to_numpy(b.rand(3)), np.random.default_rng(5).random(3),
+                               rtol=1e-6)
+    # an empty batch of rows, a torch tensor that requires grad, a certain category
+    assert tuple(b.multinomial(np.ones((0, 3)), 2).shape) == tuple(
+        torch.multinomial(torch.ones(0, 3), 2).shape)
+    p = torch.tensor([[0.0, 1.0, 0.0]], requires_grad=True)
+    np.testing.assert_array_equal(b.to_numpy(b.multinomial(p, 3, replacement=True)),
+                                  torch.multinomial(p.detach(), 3, replacement=True).numpy())

@@ -257,7 +257,7 @@ class ArrayHelpers:
         return self.array(np.linspace(self._scalar(start), self._scalar(stop), int(steps)), dt)
 
     def _scalar(self, x: Any) -> Any:
-        return self.to_numpy(x) if isinstance(x, self.native_type) else np.asarray(x)
+        return self.to_numpy(x) if isinstance(x, self.native_type) else host_array(x)
 
     # -- randomness --------------------------------------------------------------------------
     def _gen(self, key: int | None) -> np.random.Generator:
@@ -307,14 +307,29 @@ class ArrayHelpers:
 
     def multinomial(self, probs: Any, num_samples: int, replacement: bool = False,
                     key: int | None = None) -> Any:
-        """``num_samples`` category indices per row of ``probs`` (normalised per row)."""
+        """``num_samples`` category indices per row of ``probs`` (normalised per row; 1-d or
+        more, the last axis the categories). As ``torch.multinomial``, a bad argument is a
+        ``ValueError`` naming it: ``num_samples`` < 1, a 0-d ``probs``, a negative or
+        non-finite probability, a row summing to 0."""
         p = np.asarray(self._scalar(probs), dtype=np.float64)
+        if isinstance(num_samples, (bool, np.bool_)) or not isinstance(num_samples, (int, np.integer)) \
+                or num_samples < 1:
+            raise ValueError(f"multinomial(): num_samples must be an int >= 1, got {num_samples!r}")
+        if p.ndim == 0:
+            raise ValueError("multinomial(): probs must have at least 1 dimension (the "
+                             "categories), got a 0-d array")
         rows = p.reshape(-1, p.shape[-1])
         if not replacement and num_samples > rows.shape[-1]:
             raise ValueError("multinomial(): num_samples > categories needs replacement=True")
+        if not np.all(np.isfinite(rows)) or np.any(rows < 0) or np.any(rows.sum(-1) <= 0):
+            raise ValueError("multinomial(): probs must be finite and >= 0, with every row "
+                             "summing to more than 0")
+        if not replacement and np.any(np.count_nonzero(rows, axis=-1) < num_samples):
+            raise ValueError(f"multinomial(): a row of probs has fewer than num_samples="
+                             f"{num_samples} categories above 0, which replacement=False needs")
         g = self._gen(key)
-        out = np.stack([g.choice(r.size, num_samples, replace=replacement, p=r / r.sum())
-                        for r in rows])
+        out = np.array([g.choice(r.size, num_samples, replace=replacement, p=r / r.sum())
+                        for r in rows], dtype=np.int64).reshape(len(rows), num_samples)
         return self.array(out.reshape(*p.shape[:-1], num_samples), self.int_dtype)
 
     # -- math ----------------------------------------------------------------------------------
