@@ -251,15 +251,22 @@ class TrainModel(Model):
             terminals = set(model.terminals) | set(model.output_keys)
             top = {name: i for i, name in enumerate(b.names) if name in terminals}
             deps: dict[int, frozenset[str]] = {top[k]: frozenset({k}) for k in model.input_keys}
-            params: list[str] = []
+            produced = {node.out for node in nodes}
+            # an input declared differentiable is a parameter (compile makes it trainable)
+            params: list[str] = [k for k in model.input_keys
+                                 if getattr(model.conns.get(k), "differentiable", None) is True]
             for node in nodes:
                 shared = getattr(node.op, "param_names", None) or {}
                 own = []
                 for k in node.op.param_init:
                     if k in shared:
                         continue
-                    if k in node.ins:  # a role given a wire: the parameter is named as it
-                        name = b.names[node.ins[k]]
+                    if k in node.ins:  # a role given a wire: the parameter is named as it,
+                        w = node.ins[k]  # unless a block computes it, it is a constant
+                        name = b.names[w]  # or it is declared not differentiable (data)
+                        if w in produced or w in b.consts or getattr(
+                                model.conns.get(name), "differentiable", None) is False:
+                            continue
                         if name not in params and name not in own:
                             own.append(name)
                     elif k not in _optional_params(node.op):

@@ -1,0 +1,78 @@
+"""TrainModel (the published Mithril's training API) against the same objective in torch
+autograd (float64), on NumPy, torch and JAX."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import mithril as ml
+from mithril.errors import KeyMismatchError
+from mithril.models import L2, IOKey, Linear, Model, Reshape, SquaredError, TrainModel
+
+BACKENDS = [ml.NumpyBackend, ml.TorchBackend, ml.JaxBackend]
+rng = np.random.default_rng(67)
+X, T = rng.standard_normal((5, 3)), rng.standard_normal((5, 4))
+W12, B4 = rng.standard_normal(12), rng.standard_normal(4)
+
+
+def _reshaped_weight_model() -> Model:
+    """A weight kept flat ('w', declared differentiable), reshaped before the Linear reads it."""
+    model = Model()
+    model |= Reshape(shape=(4, 3)).connect(input=IOKey("w", differentiable=True, shape=[12]),
+                                           output="w2")
+    model |= Linear(4).connect(input="input", weight="w2", output="output")
+    return model
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_regex_regularizes_the_parameter_behind_a_reshape(backend_cls):
+    """A regex once matched the Reshape's output 'w2' (a wire a block computes, not a
+    parameter) and compile failed; it matches the parameter 'w', as compile names it."""
+    tm = TrainModel(_reshaped_weight_model())
+    assert tm.parameter_names == ["w", "linear.bias"]
+    tm.add_loss(SquaredError(), input="output", target="target")
+    tm.add_regularization(L2(), coef=0.3, input=re.compile(r"^w"))
+    backend = backend_cls(dtype=ml.float64)
+    compiled = ml.compile(tm, backend, shapes={"input": [None, 3]})
+    assert sorted(compiled.randomize_params()) == ["linear.bias", "w"]
+    params = {"w": backend.array(W12), "linear.bias": backend.array(B4)}
+    out, grads = compiled.evaluate(params, {"input": backend.array(X), "target": backend.array(T)},
+                                   output_gradients=True)
+
+    w = torch.tensor(W12, requires_grad=True)
+    b = torch.tensor(B4, requires_grad=True)
+    y = torch.tensor(X) @ w.reshape(4, 3).T + b
+    cost = ((y - torch.tensor(T)) ** 2).mean() + 0.3 * 0.5 * (w**2).sum() / 20
+    cost.backward()
+    np.testing.assert_allclose(backend.to_numpy(out["final_cost"]), cost.item(), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(grads["w"]), w.grad.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(backend.to_numpy(grads["linear.bias"]), b.grad.numpy(), rtol=1e-12,
+                               atol=1e-14)
+
+
+@pytest.mark.parametrize("weight", [IOKey("w", value=np.ones((4, 3))), 2.0,
+                                    IOKey("w", differentiable=False)])
+def test_a_constant_or_data_weight_is_not_a_parameter(weight):
+    """A weight given a constant (or declared not differentiable: data) was listed as a
+    parameter: a pattern matching it was accepted and compile failed naming an internal
+    ParameterRef. It is refused at add_regularization, naming the parameters, and the
+    TrainModel is left as it was."""
+    model = Model()
+    model |= Linear(4).connect(input="input", weight=weight, output="output")
+    tm = TrainModel(model)
+    assert tm.parameter_names == ["linear.bias"]
+    tm.add_loss(SquaredError(), input="output", target="target")
+    with pytest.raises(KeyMismatchError, match=r"matches no parameter; the parameters are "
+                                               r"\['linear.bias'\]"):
+        tm.add_regularization(L2(), coef=0.1, input=re.compile(r"w"))
+    backend = ml.NumpyBackend(dtype=ml.float64)
+    data = {"input": X, "target": T}
+    if isinstance(weight, IOKey) and weight.value is None:
+        data["w"] = np.full((4, 3), 0.5)
+    compiled = ml.compile(tm, backend, shapes={"input": [None, 3]})
+    out = compiled.evaluate({"linear.bias": B4}, data)
+    wv = 0.5 if "w" in data else 1.0 if isinstance(weight, IOKey) else 2.0
+    expected = np.mean((X @ np.full((4, 3), wv).T + B4 - T) ** 2)
+    np.testing.assert_allclose(out["final_cost"], expected, rtol=1e-12)
