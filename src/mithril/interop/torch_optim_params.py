@@ -15,6 +15,8 @@ import torch
 from ..errors import KeyMismatchError
 from .torch_optim_complex import real_dtype
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def split(params: Any, start: int = 0
           ) -> tuple[list[Any], list[dict[str, Any]] | None, list[int]]:
@@ -77,9 +79,12 @@ def parameters(params: Any, allow_empty: bool = False
             raise TypeError(f"parameter '{name}' is a {type(p).__name__}, not a torch tensor")
         if not (p.is_leaf or p.retains_grad):
             raise ValueError(f"parameter '{name}' is not a leaf tensor: can't optimize it")
-        if not (p.is_floating_point() or p.is_complex()):
+        # (float8 too: it passed here and was refused by the first step(), after the
+        # model was built and a forward/backward run)
+        if real_dtype(p) not in _DTYPES:
             raise TypeError(f"parameter '{name}' has dtype {p.dtype}; optimizers need "
-                            f"floating-point (or complex) parameters")
+                            f"floating-point (or complex) parameters: float16, bfloat16, "
+                            f"float32 or float64")
     seen: dict[int, str] = {}
     for name, p in zip(names, tensors):
         if id(p) in seen:

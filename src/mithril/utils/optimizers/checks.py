@@ -248,6 +248,14 @@ def refuse_traced(who: str, *trees: Mapping[str, Any]) -> None:
                 f"jittable init / update), or mithril.utils.training.make_train_step")
 
 
+def _epsilon_elementwise(opt: Any) -> bool:
+    """Whether ``opt``'s epsilon (a wrapper's: its held optimizer's) is added to a float16
+    element (class attribute ``epsilon_elementwise``, default True)."""
+    while (held := getattr(type(opt), "HELD", None)) and held in vars(opt):
+        opt = vars(opt)[held]
+    return getattr(opt, "epsilon_elementwise", True)
+
+
 def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, Any],
                  state: Any) -> tuple[Any, bool]:
     """What ``opt.update`` checks first: raise on bad input before anything is touched.
@@ -263,8 +271,10 @@ def check_update(opt: Any, params: Mapping[str, Any], gradients: Mapping[str, An
     if not isinstance(gradients, Mapping):
         raise TypeError(f"gradients must be a dict of arrays, got {type(gradients).__name__}")
     lay, eng = state.layout, state.engine
-    if lay.dtype == "float16":  # the optimizer's epsilon, then each group's own (a group's
-        # used to pass unchecked: NaN parameters at the first zero gradient)
+    if lay.dtype == "float16" and _epsilon_elementwise(opt):
+        # the optimizer's epsilon, then each group's own (a group's used to pass unchecked:
+        # NaN parameters at the first zero gradient). Not where ε enters a float64 sum only
+        # (DoG's, DoWG's, LARS's: refused, while optax's ran bit for bit)
         groups = getattr(opt, "param_groups", None) or ()
         for where, eps in (("", getattr(opt, "epsilon", None)),
                            *((f"param_groups[{i}]: ", g.get("epsilon"))

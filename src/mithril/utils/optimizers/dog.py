@@ -106,6 +106,9 @@ class DoG(_Estimates, Optimizer):
     loaded_domains = {"started": "flag", "max_dist": "nonnegative", "sum_sq": "nonnegative"}
     step_wide = ("init_step", *_Estimates.step_wide)
     reductions = 3
+    #: ε is added to the squared norms' running sum (a float64 value or tensor slot), not
+    #: to a float16 element: 1e-8 does not round to 0 there (checks.check_update)
+    epsilon_elementwise = False
 
     def __init__(self, learning_rate: float = 1.0,
                  init_step: tuple[str, float] = ("heuristic", 1e-6), epsilon: float = 1e-8,

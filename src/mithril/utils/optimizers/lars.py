@@ -43,6 +43,9 @@ class LARS(Optimizer):
 
     slots = ("m",)
     reductions = 2
+    #: ε is in the trust ratio of two norms (ratio 1 where one is 0), not in a float16
+    #: element's denominator (checks.check_update)
+    epsilon_elementwise = False
 
     def __init__(self, learning_rate: float = 1e-3, momentum: float = 0.9,
                  trust_coefficient: float | None = 0.001, epsilon: float = 0.0,

@@ -1,0 +1,107 @@
+"""Mithril optimizers run directly on half-precision parameters, second pass (the first:
+tests/test_hunt67_lowp_params.py): the parameter-free optimizers, ``torch_optimizer``'s
+dtype checks, and side-by-side runs with optax and torch.optim."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import mithril.utils.optimizers as mo
+
+AS = {"jax": {"bfloat16": jnp.bfloat16, "float16": jnp.float16},
+      "torch": {"bfloat16": torch.bfloat16, "float16": torch.float16}}
+
+
+def _arr(backend: str, a: np.ndarray, dtype: str) -> Any:
+    if backend == "torch":
+        return torch.tensor(a).to(AS["torch"][dtype])
+    if backend == "jax":
+        return jnp.asarray(a, AS["jax"][dtype])
+    import ml_dtypes
+
+    return a.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+
+
+def _f32(a: Any) -> np.ndarray:
+    return a.float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a).astype(np.float32)
+
+
+def _problem(steps: int = 5, zero_first: bool = False) -> tuple[dict, list[dict]]:
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((5, 7)).astype(np.float32),
+              "b": rng.standard_normal(7).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+             for _ in range(steps)]
+    if zero_first:
+        grads[0] = {k: np.zeros_like(v) for k, v in params.items()}
+    return params, grads
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
+@pytest.mark.parametrize("case", ["dog", "ldog", "lars", "lookahead_dog"])
+def test_epsilon_of_a_sum_is_not_refused_in_float16(case, backend):
+    """DoG's ε (default 1e-8) is added to the float64 running sum of squared gradient norms,
+    LARS's to the trust ratio's (1 where a norm is 0): neither is a float16 element's 0/0. Yet ``update`` on float16 parameters refused them ("epsilon=1e-08 is 0 in
+    float16", the Adam check) where ``optax.contrib.dog()`` runs, finite. Now they step:
+    finite from a zero first gradient too (optax's DoG is NaN there: its float16 sum + 1e-8
+    is 0), and equal to optax's on the same float16 parameters bit for bit (the Adam check
+    itself stays: tests/test_optimizer_errors.py)."""
+    ours, theirs = {
+        "dog": (lambda: mo.DoG(init_step=("distance", 0.1)),
+                lambda: optax.contrib.dog(init_step=("distance", 0.1))),
+        "ldog": (lambda: mo.DoG(layer_wise=True), None),
+        "lars": (lambda: mo.LARS(0.1, epsilon=1e-10),
+                 lambda: optax.lars(0.1, eps=1e-10)),
+        "lookahead_dog": (lambda: mo.Lookahead(mo.DoG(learning_rate=1.0)), None),
+    }[case]
+    for zero_first in (True, False):
+        params, grads = _problem(zero_first=zero_first)
+        opt = ours()
+        p = {k: _arr(backend, v, "float16") for k, v in params.items()}
+        state = opt.init(p)
+        for g in grads:
+            p, state = opt.update(p, {k: _arr(backend, v, "float16") for k, v in g.items()},
+                                  state)
+        got = {k: _f32(v) for k, v in p.items()}
+        assert all(np.isfinite(v).all() for v in got.values())
+        assert all(str(v.dtype).removeprefix("torch.") == "float16" for v in p.values())
+    if theirs is not None:  # (with a zero first gradient optax's DoG is NaN: its float16
+        # sum + 1e-8 is 0, ours a float64 1e-8; so from random gradients)
+        tx = theirs()
+        q = {k: jnp.asarray(v, jnp.float16) for k, v in params.items()}
+        s = tx.init(q)
+        for g in grads:
+            u, s = tx.update({k: jnp.asarray(v, jnp.float16) for k, v in g.items()}, s, q)
+            q = optax.apply_updates(q, u)
+        for k in got:
+            np.testing.assert_array_equal(got[k], _f32(q[k]))
+        start = {k: _f32(_arr("numpy", v, "float16")) for k, v in params.items()}
+        assert max(np.abs(got[k] - start[k]).max() for k in got) > 0  # (it moved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_torch_optimizer_refuses_float8_parameters_at_construction(dtype):
+    """``torch_optimizer`` refused an integer parameter at construction, but took a float8
+    one (``is_floating_point()``) and refused it only at the first ``step()``, after the
+    forward and backward. Now refused at construction too, naming the parameter and the
+    dtypes it takes; as is a float8 one added by ``add_param_group`` (nothing added)."""
+    from mithril.interop import torch_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    bad = torch.nn.Parameter(torch.zeros(3).to(dtype))
+    with pytest.raises(TypeError, match=rf"parameter 'f8' has dtype {dtype}; .*float16, "
+                                        rf"bfloat16, float32 or float64"):
+        torch_optimizer(mo.SGD(0.1), [("w", w), ("f8", bad)])
+    opt = torch_optimizer(mo.SGD(0.1), [w])
+    with pytest.raises(TypeError, match=rf"'param1' has dtype {dtype}"):
+        opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1
+    w.grad = torch.ones(3, dtype=torch.float16)
+    opt.step()
+    assert (w.detach() == -0.1).all()
