@@ -317,3 +317,18 @@ def test_multinomial_refuses_what_torch_refuses_before_drawing(backend_cls):
     p = torch.tensor([[0.0, 1.0, 0.0]], requires_grad=True)
     np.testing.assert_array_equal(b.to_numpy(b.multinomial(p, 3, replacement=True)),
                                   torch.multinomial(p.detach(), 3, replacement=True).numpy())
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_rand_uniform_refuses_bounds_that_are_not_finite(backend_cls):
+    # torch's uniform_ refuses them ("from / to is out of bounds"); the helper raised NumPy's
+    # OverflowError "high - low range exceeds valid bounds", naming neither argument
+    b = backend_cls(seed=4)
+    for lo, hi in ((float("nan"), 1.0), (0.0, float("inf")), (-np.inf, 0.0),
+                   (np.array([0.0, np.nan]), np.ones(2))):
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            torch.empty(2).uniform_(float(np.ravel(lo)[-1]), float(np.ravel(hi)[-1]))
+        with pytest.raises(ValueError, match=r"rand_uniform\(\): low and high must be finite"):
+            b.rand_uniform(lo, hi, 2)
+    np.testing.assert_allclose(b.to_numpy(b.rand_uniform(-1.0, 3.0, 4)),
+                               np.random.default_rng(4).uniform(-1.0, 3.0, 4), rtol=1e-6)

@@ -284,6 +284,8 @@ class ArrayHelpers:
         refuse_device_mesh(device_mesh, f"{type(self).__name__}.rand_uniform")
         s, dt = shape_arg(shape, "rand_uniform"), self._float_dt(dtype, "rand_uniform")
         lo, hi = self._scalar(low), self._scalar(high)
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):  # (as torch's uniform_)
+            raise ValueError(f"rand_uniform(): low and high must be finite, got {low!r}, {high!r}")
         if np.any(lo > hi):
             raise ValueError(f"rand_uniform(): low must be <= high, got {low!r} > {high!r}")
         return self.array(self._gen(key).uniform(lo, hi, s or None), dt)
