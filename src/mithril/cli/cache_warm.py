@@ -18,6 +18,7 @@ from ..utils import cache
 from ..utils.optimizers.engines import kernel_cache
 from .errors import CLIError
 from .optimizer_catalog import build_optimizer, parse_optimizer_spec
+from .options import OPTIONS
 
 #: the optimizer warmed where no spec is given (the CLI's default)
 DEFAULT_SPECS = ("adam",)
@@ -35,7 +36,8 @@ def check(args: argparse.Namespace) -> list[tuple[str, str]]:
         raise CLIError("--kernels and --jax choose what `mithril cache clear` removes")
     specs = args.optimizers or list(DEFAULT_SPECS)
     for spec in specs:
-        build_optimizer(*parse_optimizer_spec(spec))
+        # (its errors name the spec's keys: `cache warm` has no --beta1, --clip-norm, ...)
+        build_optimizer(*parse_optimizer_spec(spec), spec=OPTIONS)
     backends = args.backend or installed_backends()
     missing = [b for b in backends if b != "numpy" and importlib.util.find_spec(b) is None]
     if missing:

@@ -150,6 +150,8 @@ def run_config(args: argparse.Namespace, optimizer: str = "adam",
             specs = [(overrides.pop("scheduler"), {})]
         settings.update(overrides)
     return RunConfig(optimizer=optimizer, settings=settings, schedulers=specs,
+                     # (named as keys where the command has no such flag: compare's --beta1)
+                     spec_keys=tuple(k for k in overrides or () if not hasattr(args, k)),
                      backend=args.backend, dtype=args.dtype,
                      mixed_precision=args.mixed_precision,
                      loss_scale=LOSS_SCALE if args.loss_scale is None else args.loss_scale,

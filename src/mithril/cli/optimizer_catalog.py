@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,8 +300,14 @@ def optimizer_keys(name: str, settings: Mapping[str, Any]) -> list[str]:
     return [k for k in own if k != WRAPPERS.get(name)] + [o.name for o in COMMON_OPTIONS]
 
 
+def typed(key: str, spec: Collection[str]) -> str:
+    """How the user gave the setting ``key``: its flag, or the key of a spec (``spec``: the
+    keys given in one; ``mithril cache warm`` and ``compare --configs`` have no such flags)."""
+    return OPTIONS[key].flag if key in OPTIONS and key not in spec else key
+
+
 def _kwargs(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
-            flags: bool) -> dict[str, Any]:
+            flags: bool, spec: Collection[str] = ()) -> dict[str, Any]:
     """Constructor arguments of ``name`` from ``settings`` (flags that do not apply: an
     error) and ``extra``."""
     own = SETTINGS[name]
@@ -339,9 +345,10 @@ def _kwargs(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
                 kwargs[setting.arg] = _build(cli_name(default), {}, nested, flags=False)
     for key, needs in (("clip_eps", "clip_norm"), ("normalize_eps", "normalize_grad")):
         if settings.get(key) is not None and settings.get(needs) is None:  # (else: ignored)
-            raise CLIError(f"{OPTIONS[key].flag} only applies with {OPTIONS[needs].flag} (it "
-                           f"is that rule's epsilon), got {OPTIONS[key].flag} {settings[key]:g} "
-                           f"without it")
+            given = f"{key}={settings[key]:g}" if key in spec else \
+                f"{OPTIONS[key].flag} {settings[key]:g}"
+            raise CLIError(f"{typed(key, spec)} only applies with {typed(needs, spec)} (it "
+                           f"is that rule's epsilon), got {given} without it")
     for opt in COMMON_OPTIONS:
         if settings.get(opt.name) is not None:
             kwargs[opt.name] = settings[opt.name]
@@ -349,12 +356,12 @@ def _kwargs(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
 
 
 def _build(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
-           flags: bool = True) -> Optimizer:
+           flags: bool = True, spec: Collection[str] = ()) -> Optimizer:
     if name in REFUSED:
         raise CLIError(f"optimizer {name} is not supported by mithril train/compare: "
                        f"{REFUSED[name]}")
     cls = CATALOG[name]
-    common = [o.flag for o in COMMON_OPTIONS if settings.get(o.name) is not None]
+    common = [typed(o.name, spec) for o in COMMON_OPTIONS if settings.get(o.name) is not None]
     if name == "dpsgd" and common:  # (its SGD is built inside: it takes none of these)
         raise CLIError(f"{', '.join(common)} do{'es' * (len(common) == 1)} not apply to "
                        f"optimizer dpsgd: it clips each example's gradient to l2_norm_clip "
@@ -370,23 +377,25 @@ def _build(name: str, settings: Mapping[str, Any], extra: Mapping[str, Any],
         wk = WRAPPERS[name]
         own = {k: v for k, v in settings.items() if k in SETTINGS[name] and k != wk}
         rest = {k: v for k, v in settings.items() if k not in own and k != wk}
-        inner = _build(inner_name(name, settings) or DEFAULT_INNER, rest, extra, flags)
+        inner = _build(inner_name(name, settings) or DEFAULT_INNER, rest, extra, flags, spec)
         kwargs = {SETTINGS[name][k].arg: v for k, v in own.items()}
         return cls(inner, **kwargs)
-    return cls(**_kwargs(name, settings, extra, flags))
+    return cls(**_kwargs(name, settings, extra, flags, spec))
 
 
 def build_optimizer(name: str, settings: Mapping[str, Any],
-                    extra: Mapping[str, Any] | None = None) -> Optimizer:
+                    extra: Mapping[str, Any] | None = None,
+                    spec: Collection[str] = ()) -> Optimizer:
     """The optimizer ``name`` (a catalog name) with the settings in ``settings`` (``None``
     values are unset; flags that do not apply to it are an error), its CLI default learning
     rate (:data:`DEFAULT_LR`) unless ``lr`` is set, and ``extra``: constructor arguments
     every optimizer takes (``ema_decay``, ``exclude_weight_decay``, ...), passed as they are.
     The constructor's ``ValueError``/``TypeError`` becomes a :class:`CLIError` naming the
-    optimizer (and the flag, where the message names its argument)."""
+    optimizer (and the flag, where the message names its argument; ``spec``: the keys given
+    in a ``NAME:KEY=VALUE`` spec, which errors name as keys, not flags)."""
     name = resolve_name(name)
     try:
-        return _build(name, settings, dict(extra or {}))
+        return _build(name, settings, dict(extra or {}), spec=spec)
     except (ValueError, TypeError) as exc:
         msg = str(exc)
         inner = inner_name(name, settings)
@@ -396,7 +405,8 @@ def build_optimizer(name: str, settings: Mapping[str, Any],
         hint = ""
         if named:
             key = named[0]
-            hint = f" ({OPTIONS[key].flag})" if key in OPTIONS else f" (key {key})"
+            hint = f" ({OPTIONS[key].flag})" if key in OPTIONS and key not in spec \
+                else f" (key {key})"
         raise CLIError(f"invalid hyperparameter for {name}: {msg}{hint}") from None
 
 

@@ -43,7 +43,10 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
     def parse(self, text: str, where: str) -> Any:
-        """The value of ``text`` (from a ``key=value`` spec)."""
+        """The value of ``text`` (from a ``key=value`` spec; ``none`` unsets an option of
+        :data:`OFF_OPTIONS`, e.g. charlm's default ``clip_norm``)."""
+        if self.name in OFF_OPTIONS and text.strip().lower() == "none":
+            return None
         try:
             if self.kind == "float":
                 float(text)  # not a number: the ValueError below

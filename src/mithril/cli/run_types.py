@@ -59,6 +59,9 @@ class RunConfig:
     #: the job (``--task``: digits, digits-cnn, tabular, charlm) and its own settings
     task: str = "digits"
     task_settings: dict[str, Any] = field(default_factory=dict)
+    #: the settings given in an ``--optimizer`` / ``--configs`` spec (errors name them as its
+    #: keys, not as flags); not part of the run's identity
+    spec_keys: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"task": self.task, **({"task_settings": dict(self.task_settings)}

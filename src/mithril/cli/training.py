@@ -88,7 +88,7 @@ class Run(Evaluation):
             if not (math.isfinite(cfg.ema) and 0 <= cfg.ema < 1):
                 raise CLIError(f"--ema must be in [0, 1), got {cfg.ema}")
             extra["ema_decay"], extra["ema_start"] = cfg.ema, cfg.ema_start
-        self.optimizer = build_optimizer(cfg.optimizer, cfg.settings, extra)
+        self.optimizer = build_optimizer(cfg.optimizer, cfg.settings, extra, cfg.spec_keys)
         #: DP-SGD: the step computes each example's gradient (make_train_step)
         self.private = bool(getattr(self.optimizer, "takes_per_example_gradients", False))
         if self.private and parallel is not None and not one_process_mesh(parallel.world):
