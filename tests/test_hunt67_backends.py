@@ -332,3 +332,20 @@ def test_rand_uniform_refuses_bounds_that_are_not_finite(backend_cls):
             b.rand_uniform(lo, hi, 2)
     np.testing.assert_allclose(b.to_numpy(b.rand_uniform(-1.0, 3.0, 4)),
                                np.random.default_rng(4).uniform(-1.0, 3.0, 4), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_pad_widths_as_numpy_pad(backend_cls):
+    # the torch backend cropped for a negative width (F.pad's meaning) where np.pad and
+    # jnp.pad refuse it, and every backend truncated a float width where they refuse it
+    b = backend_cls(dtype="float64")
+    x = np.arange(6.0).reshape(2, 3)
+    for pw, err in ((-1, ValueError), (((0, -1), (1, 1)), ValueError), (1.5, TypeError),
+                    (True, TypeError)):
+        for ref in (np.pad, jax.numpy.pad):
+            with pytest.raises(err):
+                ref(x, pw)
+        with pytest.raises(err, match=r"pad\(\): pad_width"):
+            b.pad(b.array(x), pw)
+    for pw in (1, ((0, 1), (2, 0)), [[1, 1]], np.array([0, 2])):
+        np.testing.assert_array_equal(b.to_numpy(b.pad(b.array(x), pw)), np.pad(x, pw))

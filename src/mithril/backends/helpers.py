@@ -481,9 +481,16 @@ class ArrayHelpers:
         return self.cat(input, axis)
 
     def pad(self, input: Any, pad_width: Any) -> Any:
-        """Zero padding, ``pad_width`` as ``numpy.pad``'s."""
+        """Zero padding, ``pad_width`` as ``numpy.pad``'s: integers >= 0 (a float is a
+        ``TypeError``, a negative width a ``ValueError``, as NumPy's; torch's ``F.pad`` would
+        crop)."""
         x = self._native(input)
-        widths = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (x.ndim, 2))
+        given = np.asarray(pad_width)
+        if given.dtype.kind not in "iu":
+            raise TypeError(f"pad(): pad_width must be integers, got {pad_width!r}")
+        if np.any(given < 0):
+            raise ValueError(f"pad(): pad_width must be >= 0, got {pad_width!r}")
+        widths = np.broadcast_to(given.astype(np.int64), (x.ndim, 2))
         return self._ns().pad(x, [tuple(int(v) for v in w) for w in widths])
 
     def atleast_1d(self, inputs: Any) -> Any:
