@@ -9,7 +9,7 @@ import torch
 
 import mithril as ml
 from mithril.errors import KeyMismatchError
-from mithril.models import L2, IOKey, Linear, Model, Reshape, SquaredError, TrainModel
+from mithril.models import L1, L2, IOKey, Linear, Model, Reshape, SquaredError, TrainModel
 
 BACKENDS = [ml.NumpyBackend, ml.TorchBackend, ml.JaxBackend]
 rng = np.random.default_rng(67)
@@ -76,3 +76,35 @@ def test_a_constant_or_data_weight_is_not_a_parameter(weight):
     wv = 0.5 if "w" in data else 1.0 if isinstance(weight, IOKey) else 2.0
     expected = np.mean((X @ np.full((4, 3), wv).T + B4 - T) ** 2)
     np.testing.assert_allclose(out["final_cost"], expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+@pytest.mark.parametrize("how", ["data_keys", "constant_keys"])
+def test_a_regularized_parameter_compiled_as_data_or_a_constant(backend_cls, how):
+    """A frozen weight keeps its penalty, as torch's loss with a weight that does not require
+    grad: compile(data_keys={'linear.weight'}) or constant_keys of a regularized parameter
+    failed ("objective.parameter_ref (ParameterRef): 'linear.weight' names no parameter");
+    the regularizer reads that input, which gets no gradient."""
+    weight = rng.standard_normal((4, 3))
+    tm = TrainModel(Linear(4))
+    tm.add_loss(SquaredError(), input="output", target="target")
+    tm.add_regularization(L2(), coef=0.3, input=re.compile(r"weight"))
+    tm.add_regularization(L1(), coef=0.2, input="linear.bias")
+    backend = backend_cls(dtype=ml.float64)
+    data = {"input": backend.array(X), "target": backend.array(T)}
+    if how == "data_keys":
+        compiled = ml.compile(tm, backend, shapes={"input": [None, 3]}, data_keys={"linear.weight"})
+        data["linear.weight"] = backend.array(weight)
+    else:
+        compiled = ml.compile(tm, backend, shapes={"input": [None, 3]},
+                              constant_keys={"linear.weight": weight})
+    out, grads = compiled.evaluate({"linear.bias": backend.array(B4)}, data, output_gradients=True)
+    assert sorted(grads) == ["linear.bias"]
+
+    w, b = torch.tensor(weight), torch.tensor(B4, requires_grad=True)
+    y = torch.tensor(X) @ w.T + b
+    cost = ((y - torch.tensor(T)) ** 2).mean() + (0.3 * 0.5 * (w**2).sum() + 0.2 * b.abs().sum()) / 20
+    cost.backward()
+    np.testing.assert_allclose(backend.to_numpy(out["final_cost"]), cost.item(), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(grads["linear.bias"]), b.grad.numpy(), rtol=1e-12,
+                               atol=1e-14)

@@ -335,6 +335,10 @@ def build_program(model: Model | Operator, shapes: Mapping[str, object] | None =
         # parameters an operator reads by name (shared with the block that made them)
         shared = getattr(node.op, "param_names", None) or {}
         for key, pname in shared.items():
+            if pname not in prog.param_shapes and pname in inputs and key not in node.ins:
+                node.ins[key] = inputs[pname]  # compiled as data or a constant: read that input
+                in_shapes[key] = b.shapes[inputs[pname]]
+                continue
             if pname not in prog.param_shapes:
                 raise KeyMismatchError(f"{node.path} ({type(node.op).__name__}): '{pname}' names no "
                                        f"parameter; the parameters are {sorted(prog.param_shapes)}")
