@@ -3,6 +3,7 @@ turning a job's default off, errors naming what was typed, resumes, predictions.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import conftest
@@ -82,3 +83,22 @@ def test_a_spec_value_error_names_the_key_not_a_flag(tmp_path, capsys, monkeypat
                                "--out", str(out)])
     assert "(key eps)" in err and "--eps" not in err
     assert not out.exists()
+
+
+# -- DP-SGD on charlm: no accounting, said so ---------------------------------------------------
+def test_charlm_dpsgd_says_there_is_no_accounting_without_nan(tmp_path, capsys):
+    """charlm's batches are overlapping windows of the text: there is no per-example sampling
+    rate, so no ε. The run printed 'no accounting ... sampling rate nan' and its header
+    promised 'ε at δ = 1e-05 reported at the end'; --delta was taken and ignored."""
+    base = [*charlm(tmp_path), "--steps", "2", "--optimizer", "dpsgd"]
+    assert main([*base, "--out", str(tmp_path / "dp")]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and "reported at the end" not in out
+    assert "no ε" in out and "overlapping windows" in out
+    summary = json.loads((tmp_path / "dp" / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] is None and summary["privacy"]["sample_rate"] is None
+    assert main(["train", "--resume", str(tmp_path / "dp"), "--steps", "4"]) == 0
+    assert "nan" not in capsys.readouterr().out
+    err = usage_error(capsys, [*base, "--delta", "1e-6", "--out", str(tmp_path / "d")])
+    assert "--delta 1e-06 does not apply to charlm" in err
+    assert not (tmp_path / "d").exists()

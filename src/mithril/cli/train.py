@@ -439,6 +439,10 @@ def check_privacy_flags(args: argparse.Namespace, optimizer: str, overrides: dic
     private = optimizer in PER_EXAMPLE
     given = [f for f, v in (("--delta", args.delta), ("--target-epsilon", args.target_epsilon))
              if v is not None]
+    if private and args.delta is not None and args.task == "charlm":
+        raise CLIError(f"--delta {args.delta:g} does not apply to charlm: its batches are "
+                       f"overlapping windows of the text, not rows of a table, so no (ε, δ) "
+                       f"is accounted")
     if given and not private:
         raise CLIError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} "
                        f"with a DP-SGD optimizer "
@@ -473,11 +477,15 @@ def set_noise_for(training: Run, target: float, delta: float) -> None:
 def privacy_line(privacy: dict[str, Any]) -> str:
     """``privacy: ε = 2.31 at δ = 1e-05 (...)``."""
     eps = privacy["epsilon"]
-    what = "no accounting (batches are not table rows)" if eps is None else \
-        f"ε = {eps:.4g} at δ = {privacy['delta']:g}"
-    return (f"privacy: {what} (RDP accountant; noise multiplier {privacy['noise_multiplier']:.4g}, "
-            f"sampling rate {privacy['sample_rate'] or float('nan'):.4g}, {privacy['steps']} "
-            f"steps; shuffled batches accounted as Poisson-sampled)")
+    if eps is None:  # (charlm: overlapping windows at random offsets, no sampling rate)
+        return (f"privacy: no ε reported: the batches are not rows of a table (charlm's are "
+                f"overlapping windows of the text), so there is no per-example sampling rate "
+                f"to account (noise multiplier {privacy['noise_multiplier']:.4g}, "
+                f"{privacy['steps']} steps)")
+    return (f"privacy: ε = {eps:.4g} at δ = {privacy['delta']:g} (RDP accountant; noise "
+            f"multiplier {privacy['noise_multiplier']:.4g}, sampling rate "
+            f"{privacy['sample_rate']:.4g}, {privacy['steps']} steps; shuffled batches "
+            f"accounted as Poisson-sampled)")
 
 
 def print_header(args: argparse.Namespace, job: Any, cfg: Any, training: Run,
@@ -499,8 +507,9 @@ def print_header(args: argparse.Namespace, job: Any, cfg: Any, training: Run,
         q = training.sample_rate()
         print(f"  DP-SGD: clip {training.optimizer.l2_norm_clip:g}, noise multiplier "
               f"{training.optimizer.noise_multiplier:.4g}"
-              + ("" if q is None else f", sampling rate {q:.4g}")
-              + f"; ε at δ = {delta_of(args):g} reported at the end")
+              + ("; no ε (batches not of table rows: no sampling rate)" if q is None
+                 else f", sampling rate {q:.4g}; ε at δ = {delta_of(args):g} reported at "
+                      f"the end"))
     if world is not None:
         print(describe(world, cfg.batch_size))
     print(f"  {job.describe}; {training.steps_per_epoch} steps per epoch, {cfg.epochs} epochs")
