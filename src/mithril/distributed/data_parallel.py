@@ -18,8 +18,9 @@
   the sum of the ranks' losses, for a loss-aware optimizer). Optimizer-wide values
   (Prodigy's ``d``, DoG's estimates, MoMo's) see every rank's per-tensor sums
   (:mod:`.global_sums`). In
-  float16 the refusals travel first, alone (one float64): the send buffer, perhaps the
-  caller's gradient views, is divided by N in place before the reduce-scatter.
+  float16 the refusals travel first, alone (one float64), and the gradients are divided by
+  N before the reduce-scatter (in a copy where they are the caller's gradient views: a
+  sharded step leaves those as written, a replicated one leaves the mean there).
 """
 
 from __future__ import annotations
@@ -195,6 +196,7 @@ class DistributedState:
         self._recv: Any = None  # this rank's reduced chunk (sharded)
         self._pchunk: Any = None  # this rank's updated params (sharded)
         self._pfull: Any = None  # every rank's params (sharded)
+        self._scratch: Any = None  # a copy of _send where the caller's views must stay
         self._grad_views: dict[str, Any] = {}
         self._out: dict[str, Any] = {}
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from ..errors import DTypeError, KeyMismatchError, ShapeError
+from ..utils.optimizers.state import OptimizerState
 from . import process_group as pg
-from .data_parallel import DataParallel, DistributedState
+from .data_parallel import DataParallel, DistributedState, _dtype_name, _local_init
 
 
 def gather_bytes(data: bytes, dst: int = 0, what: str = "gather") -> list[bytes] | None:
@@ -163,15 +166,22 @@ def scatter_state(dp: DataParallel, full: Any, params: dict[str, Any]) -> Distri
     """This rank's :class:`~.DistributedState` of ``dp`` holding ``full`` (the whole state
     of ``params``, e.g. :func:`gather_state`'s, loaded from a checkpoint by every rank):
     replicated, ``full`` itself; sharded, the slots, counts and missed steps of the tensors
-    this rank owns at this world size. Every rank calls it (``dp.init`` is a collective)."""
+    this rank owns at this world size. Every rank calls it (``dp.init`` is a collective).
+    ``full`` is checked first against what ``dp``'s optimizer makes for ``params`` (its slots,
+    each slot's shape and dtype, its values); a refusal on any rank raises on every rank
+    before ``dp.init``, nothing changed (before, a slot of another shape was broadcast into
+    the sharded state silently, and a refusal came after ``dp.init`` on one rank only)."""
+    error: Exception | None = None
+    try:
+        _check_full(dp, full, params)
+    except (TypeError, ValueError, KeyError, NotImplementedError) as e:
+        error = e
+    pg.agree("scatter_state", error)
     wrapped = dp.init(params)
     if not wrapped.sharded:
         wrapped.local = full
         return wrapped
     local = wrapped.local
-    if set(local.slots) != set(full.slots):
-        raise ValueError(f"the state has slots {sorted(full.slots)}, "
-                         f"{type(dp.optimizer).__name__} here {sorted(local.slots)}")
     own = list(wrapped.owned)
     for s in local.slots:
         src, views = full.slot(s), local.slot(s)
@@ -186,3 +196,38 @@ def scatter_state(dp: DataParallel, full: Any, params: dict[str, Any]) -> Distri
                                       dtype=np.int64) for s, c in full.averaged.items()}
     local.set_missed({n: m for n, m in full.missed_counts().items() if n in set(own)})
     return wrapped
+
+
+def _check_full(dp: DataParallel, full: Any, params: dict[str, Any]) -> None:
+    """Raise where ``full`` is not a state of ``dp``'s optimizer for ``params``: compared
+    with what a copy of it makes for them (nothing of ``dp`` changes)."""
+    name = type(dp.optimizer).__name__
+    if not isinstance(full, OptimizerState):
+        raise TypeError(f"scatter_state: full must be an OptimizerState (the whole state, "
+                        f"e.g. gather_state's), got {type(full).__name__}")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"scatter_state: params must be a dict of arrays, got "
+                        f"{type(params).__name__}")
+    trial = _local_init(copy.copy(dp.optimizer), params)
+    if set(trial.slots) != set(full.slots) or full.kind != trial.kind:
+        raise ValueError(f"the state has slots {sorted(full.slots)}, {name} here "
+                         f"{sorted(trial.slots)}")
+    if set(full.layout.names) != set(trial.layout.names):
+        raise KeyMismatchError(f"scatter_state: the state holds the parameters "
+                               f"{sorted(full.layout.names)}, params "
+                               f"{sorted(trial.layout.names)}")
+    if set(full.values) != set(trial.values):
+        raise ValueError(f"scatter_state: the state has values {sorted(full.values)}, {name} "
+                         f"here {sorted(trial.values)}")
+    for s in trial.slots:
+        got, want = full.slot(s), trial.slot(s)
+        for n, w in want.items():
+            g = got[n]
+            if tuple(g.shape) != tuple(w.shape):
+                raise ShapeError(f"scatter_state: slot '{s}' of '{n}' has shape "
+                                 f"{tuple(g.shape)}; {name} makes {tuple(w.shape)} for "
+                                 f"params['{n}'] of shape {tuple(params[n].shape)}")
+            if type(g) is not type(w) or _dtype_name(g) != _dtype_name(w):
+                raise DTypeError(f"scatter_state: slot '{s}' of '{n}' is a {type(g).__name__} "
+                                 f"of {_dtype_name(g)}; the params make {type(w).__name__} of "
+                                 f"{_dtype_name(w)}")

@@ -31,6 +31,7 @@ from .data_parallel import (
     DistributedState,
     _divide,
     _dtype_name,
+    _empty,
     _holder,
     _host,
     _multiply,
@@ -63,8 +64,20 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         refused = e
     if refused is None:
         dp._pack(gradients, state, ch.flag)
-    recv, data = state._recv, ch.data[me]
+    recv, data, send = state._recv, ch.data[me], state._send
     half = world > 1 and _dtype_name(recv) == "float16"
+    # the caller's gradient_views stay as written (as in float32 on several ranks): in
+    # float16 the send buffer is divided in place, and alone it is the buffer the clip
+    # scales; so where they were passed, a scratch copy takes that (before, the views were
+    # left divided by N, or clipped)
+    if refused is None and (half or world == 1) and any(
+            gradients.get(n) is v for n, v in state._grad_views.items()):
+        if state._scratch is None:
+            state._scratch = _empty(ch.total, send)
+        state._scratch[...] = send
+        send = state._scratch
+        if world == 1:
+            recv = send
     # the settings' digests travel with the first refusal votes: a setting differing
     # between ranks (the non-finite policy) would make them run different collectives
     hyper = settings_votes(opt) if world > 1 else []
@@ -80,9 +93,9 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
         check_settings_votes("DataParallel.update", opt, _host(vote)[1:], world)
         hyper = []
         # divided first, as DDP: the sum over ranks overflows where the mean does not
-        _divide(state._send, world)
+        _divide(send, world)
     if world > 1:
-        pg.reduce_scatter(recv, state._send)
+        pg.reduce_scatter(recv, send)
     mine = recv[:data]
     if world > 1 and not half:
         _divide(mine, world)
