@@ -349,3 +349,22 @@ def test_pad_widths_as_numpy_pad(backend_cls):
             b.pad(b.array(x), pw)
     for pw in (1, ((0, 1), (2, 0)), [[1, 1]], np.array([0, 2])):
         np.testing.assert_array_equal(b.to_numpy(b.pad(b.array(x), pw)), np.pad(x, pw))
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_mean_of_integers_and_bools_is_a_float_on_every_backend(backend_cls):
+    # b.mean(pred == labels), an accuracy, raised on the torch backend only (torch.mean
+    # refuses integers and bools); NumPy and JAX give a float
+    with pytest.raises(RuntimeError, match="mean"):
+        torch.mean(torch.tensor([True, False]))
+    b = backend_cls(dtype="float64")
+    pred, labels = np.array([0, 2, 1, 1]), np.array([0, 1, 1, 1])
+    acc = b.mean(b.array(pred) == b.array(labels))
+    assert b.dtype_name(acc) == "float64" and float(b.to_numpy(acc)) == np.mean(pred == labels)
+    xi = np.arange(12).reshape(3, 4)
+    for axis, keep in ((None, False), (0, True), (-1, False), ((0, 1), True)):
+        got = b.mean(b.array(xi), axis=axis, keepdim=keep)
+        want = np.mean(xi, axis=axis, keepdims=keep)
+        assert tuple(got.shape) == want.shape
+        np.testing.assert_allclose(b.to_numpy(got), want, rtol=1e-15)
+    assert b.dtype_name(b.mean(b.array(np.ones(3), dtype="float16"))) == "float16"  # (floats stay)

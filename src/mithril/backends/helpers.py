@@ -403,7 +403,13 @@ class ArrayHelpers:
         return self._ns().sum(self._native(input), axis=axis, keepdims=keepdim)
 
     def mean(self, input: Any, axis: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Any:
-        return self._ns().mean(self._native(input), axis=axis, keepdims=keepdim)
+        """The mean, of integers and bools too (``mean(pred == labels)``, an accuracy) in the
+        backend's float dtype (torch refuses them; JAX gives float32 for int32 or bool)."""
+        x = self._native(input)
+        name = str(x.dtype).removeprefix("torch.")
+        if name not in _BITS and not name.startswith("complex"):
+            x = self.array(x, self.dtype)
+        return self._ns().mean(x, axis=axis, keepdims=keepdim)
 
     def max(self, input: Any, axis: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Any:
         return self._ns().max(self._native(input), axis=axis, keepdims=keepdim)
