@@ -102,3 +102,26 @@ def test_charlm_dpsgd_says_there_is_no_accounting_without_nan(tmp_path, capsys):
     err = usage_error(capsys, [*base, "--delta", "1e-6", "--out", str(tmp_path / "d")])
     assert "--delta 1e-06 does not apply to charlm" in err
     assert not (tmp_path / "d").exists()
+
+
+# -- resume: what only shapes the sample may change ---------------------------------------------
+def test_charlm_resume_takes_another_temperature_as_it_takes_sample_chars(tmp_path, capsys):
+    """--temperature only shapes the text sampled after training (as --sample-chars, which a
+    resume took): a resume refused it as a change of the run. Now the resumed run is the run
+    that did not stop, its sample drawn at the new temperature; the model flags stay refused."""
+    base = [*charlm(tmp_path), "--sample-chars", "20"]
+    assert main([*base, "--steps", "4", "--temperature", "0.5", "--out",
+                 str(tmp_path / "straight")]) == 0
+    assert main([*base, "--steps", "2", "--out", str(tmp_path / "cut")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--steps", "4",
+                 "--temperature", "0.5"]) == 0
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.safetensors")["params"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")["params"]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "sample.txt").read_text() == \
+        (tmp_path / "cut" / "sample.txt").read_text()
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["config"]["task_settings"]["temperature"] == 0.5
+    err = usage_error(capsys, ["train", "--resume", str(tmp_path / "cut"), "--steps", "6",
+                               "--d-model", "8"])
+    assert "task_settings.d_model" in err

@@ -44,12 +44,14 @@ NOT_KEPT = frozenset({"out", "name", "resume", "checkpoint", "dry_run", "no_plot
                       "no_progress", "func", "parser", "argv", "snapshot",
                       "resumed_checkpoint"})
 #: configuration keys a resumed run may change: the length (a schedule replayed over the
-#: steps done must agree), where it runs, the data file's name (its content is checked)
+#: steps done must agree), where it runs, the data file's name (its content is checked), and
+#: charlm's --temperature (it shapes the sample after training only, as --sample-chars)
 MAY_CHANGE = frozenset({"epochs", "threads", "backend", "task_settings.data",
-                        "task_settings.steps"})
+                        "task_settings.steps", "task_settings.temperature"})
 #: what a refusal of a changed setting says
-KEPT = ("a resumed run keeps them (only --epochs (charlm: --steps), --backend, --threads and "
-        "the output flags may change)")
+KEPT = ("a resumed run keeps them (only --epochs (charlm: --steps, and --temperature and "
+        "--sample-chars, which shape its sample), --backend, --threads and the output flags "
+        "may change)")
 #: metrics.csv / epochs.csv columns that hold integers
 INT_FIELDS = frozenset({"step", "epoch", "skipped"})
 
