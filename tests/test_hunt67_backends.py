@@ -368,3 +368,25 @@ def test_mean_of_integers_and_bools_is_a_float_on_every_backend(backend_cls):
         assert tuple(got.shape) == want.shape
         np.testing.assert_allclose(b.to_numpy(got), want, rtol=1e-15)
     assert b.dtype_name(b.mean(b.array(np.ones(3), dtype="float16"))) == "float16"  # (floats stay)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_float_functions_of_integers_take_the_backend_float_dtype(backend_cls):
+    # torch computes sin / exp / ... of integers in its default float32 and JAX in float32
+    # for int32 (the JAX backend's integers), so a float64 backend gave float32 results
+    assert torch.sin(torch.arange(3)).dtype == torch.float32
+    assert jax.numpy.sin(jax.numpy.arange(3, dtype=jax.numpy.int32)).dtype == jax.numpy.float32
+    xi = np.array([0, 1, 2, 7])
+    refs = {"sin": np.sin(xi), "cos": np.cos(xi), "tanh": np.tanh(xi), "exp": np.exp(xi),
+            "sqrt": np.sqrt(xi), "log": np.log(xi + 1.0), "sigmoid": 1 / (1 + np.exp(-xi)),
+            "softplus": np.log1p(np.exp(xi)), "softmax": np.exp(xi) / np.exp(xi).sum()}
+    for dt in ("float32", "float64"):
+        b = backend_cls(dtype=dt)
+        x = b.arange(4) * 0 + b.array(xi, b.int_dtype)  # (the backend's own integers)
+        for name, want in refs.items():
+            arg = b.array(xi + 1, b.int_dtype) if name == "log" else x
+            got = getattr(b, name)(arg)
+            assert b.dtype_name(got) == dt, (name, b.dtype_name(got))
+            np.testing.assert_allclose(b.to_numpy(got), want, rtol=1e-6 if dt == "float32" else 1e-14)
+        half = b.array(np.array([0.5]), dtype="float16")  # (floats keep their dtype)
+        assert b.dtype_name(b.exp(half)) == "float16"

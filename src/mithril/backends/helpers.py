@@ -335,6 +335,15 @@ class ArrayHelpers:
         return self.array(out.reshape(*p.shape[:-1], num_samples), self.int_dtype)
 
     # -- math ----------------------------------------------------------------------------------
+    def _floating(self, input: Any) -> Any:
+        """``input`` as a native array, an integer or bool one in the backend's float dtype:
+        the input of a function with float results (``sin``, ``exp``, ``mean``, ...), which
+        torch would give in its default float32 and JAX in float32 for int32, also on a
+        float64 backend (NumPy in float64 on a float32 one)."""
+        x = self._native(input)
+        name = str(x.dtype).removeprefix("torch.")
+        return x if name in _BITS or name.startswith("complex") else self.array(x, self.dtype)
+
     def abs(self, input: Any) -> Any:
         return self._ns().abs(self._native(input))
 
@@ -342,22 +351,22 @@ class ArrayHelpers:
         return self._ns().sign(self._native(input))
 
     def sin(self, input: Any) -> Any:
-        return self._ns().sin(self._native(input))
+        return self._ns().sin(self._floating(input))
 
     def cos(self, input: Any) -> Any:
-        return self._ns().cos(self._native(input))
+        return self._ns().cos(self._floating(input))
 
     def tanh(self, input: Any) -> Any:
-        return self._ns().tanh(self._native(input))
+        return self._ns().tanh(self._floating(input))
 
     def exp(self, input: Any) -> Any:
-        return self._ns().exp(self._native(input))
+        return self._ns().exp(self._floating(input))
 
     def log(self, input: Any) -> Any:
-        return self._ns().log(self._native(input))
+        return self._ns().log(self._floating(input))
 
     def sqrt(self, input: Any) -> Any:
-        return self._ns().sqrt(self._native(input))
+        return self._ns().sqrt(self._floating(input))
 
     def relu(self, input: Any) -> Any:
         """max(x, 0); NaN stays NaN (as ``torch.relu``, ``jax.nn.relu`` and the ``Relu`` block)."""
@@ -369,14 +378,14 @@ class ArrayHelpers:
         return self._ns().where(x > 0, x, slope * x)
 
     def sigmoid(self, input: Any) -> Any:
-        return 1 / (1 + self._ns().exp(-self._native(input)))
+        return 1 / (1 + self._ns().exp(-self._floating(input)))
 
     def softplus(self, input: Any) -> Any:
-        x, xp = self._native(input), self._ns()
+        x, xp = self._floating(input), self._ns()
         return xp.where(x > 0, x, xp.zeros_like(x)) + xp.log(1 + xp.exp(-xp.abs(x)))
 
     def softmax(self, input: Any, dim: int = -1) -> Any:
-        x, xp = self._native(input), self._ns()
+        x, xp = self._floating(input), self._ns()
         e = xp.exp(x - xp.max(x, axis=dim, keepdims=True))
         return e / xp.sum(e, axis=dim, keepdims=True)
 
@@ -405,11 +414,7 @@ class ArrayHelpers:
     def mean(self, input: Any, axis: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Any:
         """The mean, of integers and bools too (``mean(pred == labels)``, an accuracy) in the
         backend's float dtype (torch refuses them; JAX gives float32 for int32 or bool)."""
-        x = self._native(input)
-        name = str(x.dtype).removeprefix("torch.")
-        if name not in _BITS and not name.startswith("complex"):
-            x = self.array(x, self.dtype)
-        return self._ns().mean(x, axis=axis, keepdims=keepdim)
+        return self._ns().mean(self._floating(input), axis=axis, keepdims=keepdim)
 
     def max(self, input: Any, axis: int | tuple[int, ...] | None = None, keepdim: bool = False) -> Any:
         return self._ns().max(self._native(input), axis=axis, keepdims=keepdim)
