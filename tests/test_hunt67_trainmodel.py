@@ -9,7 +9,9 @@ import torch
 
 import mithril as ml
 from mithril.errors import KeyMismatchError
-from mithril.models import L1, L2, IOKey, Linear, Model, Reshape, SquaredError, TrainModel
+from mithril.models import L1, L2, IOKey, Linear, Mean, Model, Reshape, SquaredError, TrainModel
+from mithril.utils.optimizers import SGD
+from mithril.utils.training import make_train_step
 
 BACKENDS = [ml.NumpyBackend, ml.TorchBackend, ml.JaxBackend]
 rng = np.random.default_rng(67)
@@ -108,3 +110,52 @@ def test_a_regularized_parameter_compiled_as_data_or_a_constant(backend_cls, how
     np.testing.assert_allclose(backend.to_numpy(out["final_cost"]), cost.item(), rtol=1e-12)
     np.testing.assert_allclose(backend.to_numpy(grads["linear.bias"]), b.grad.numpy(), rtol=1e-12,
                                atol=1e-14)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_one_criterion_and_one_reduce_steps_list_for_several_terms(backend_cls):
+    """As torch's ``crit = nn.MSELoss()`` called twice: one loss instance for two losses, one
+    ``reduce_steps`` list for both, one L2 for two regularizers. compile failed ("Mean(...) is
+    already part of a model"), and again at every retry; each use is its own copy now."""
+    criterion, steps, l2 = SquaredError(), [Mean()], L2()
+    tm = TrainModel(Linear(4))
+    tm.add_loss(criterion, reduce_steps=steps, input="output", target="target")
+    tm.add_loss(criterion, reduce_steps=steps, input="output", target="target2", coef=0.5)
+    tm.add_regularization(l2, coef=0.1, input="linear.weight")
+    tm.add_regularization(l2, coef=0.2, input="linear.bias")
+    backend = backend_cls(dtype=ml.float64)
+    compiled = ml.compile(tm, backend, shapes={"input": [None, 3]})
+    weight, t2 = rng.standard_normal((4, 3)), rng.standard_normal((5, 4))
+    params = {"linear.weight": backend.array(weight), "linear.bias": backend.array(B4)}
+    data = {"input": backend.array(X), "target": backend.array(T), "target2": backend.array(t2)}
+    step = make_train_step(compiled, SGD(learning_rate=0.1))
+    state = step.init(params)
+    params, state, out = step(params, state, data)
+
+    w, b = torch.tensor(weight, requires_grad=True), torch.tensor(B4, requires_grad=True)
+    y = torch.tensor(X) @ w.T + b
+    mse = torch.nn.MSELoss()
+    cost = mse(y, torch.tensor(T)) + 0.5 * mse(y, torch.tensor(t2))
+    cost = cost + (0.1 * 0.5 * (w**2).sum() + 0.2 * 0.5 * (b**2).sum()) / 20
+    cost.backward()
+    np.testing.assert_allclose(backend.to_numpy(out["final_cost"]), cost.item(), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(params["linear.weight"]),
+                               weight - 0.1 * w.grad.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(backend.to_numpy(params["linear.bias"]), B4 - 0.1 * b.grad.numpy(),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_a_shared_block_with_parameters_is_refused_when_added():
+    """A loss block that holds parameters cannot be copied silently: refused at add_loss,
+    naming it, and the TrainModel is left as it was."""
+    lin = Linear(1)
+    model = Model()
+    model |= lin.connect(input="input", output="output")
+    tm = TrainModel(model)
+    tm.add_loss(SquaredError(), input="output", target="target")
+    with pytest.raises(ValueError, match=r"add_metric: .*already part of this TrainModel and has "
+                                         r"parameters"):
+        tm.add_metric(lin, input="output", key_name="m")
+    assert "m" not in tm.conns and len(tm._metrics) == 0
+    compiled = ml.compile(tm, ml.NumpyBackend(dtype=ml.float64), shapes={"input": [None, 1]})
+    assert sorted(compiled.output_keys) == ["final_cost", "output"]

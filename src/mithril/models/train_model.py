@@ -190,6 +190,16 @@ def _input_keys(block: Any) -> list[str]:
     return [k for k in block.terminals if k not in outs]
 
 
+def _has_parameters(block: Any) -> bool:
+    if isinstance(block, Operator):
+        return bool(block.param_init) or bool(block.state_init)
+    from ..compiler.program import _Builder
+
+    b = _Builder()
+    b.flatten(block, {}, "")
+    return any(n.op.param_init or n.op.state_init for n in b.nodes)
+
+
 def _name_of(v: str | IOKey) -> str | None:
     return v.name if isinstance(v, IOKey) else v
 
@@ -236,6 +246,7 @@ class TrainModel(Model):
         self._mean_combiner = False
         self._finalized = False
         self._graph: tuple[list[str], dict[str, frozenset[str]]] | None = None
+        self._model_ops: set[int] = set()  # (the model's operators, by id: _analysis)
 
     # -- what the model offers ---------------------------------------------------------------
     def _analysis(self) -> tuple[list[str], dict[str, frozenset[str]]]:
@@ -277,6 +288,7 @@ class TrainModel(Model):
                     d |= deps.get(w, frozenset())
                 deps[node.out] = frozenset(d)
             self._graph = params, {k: deps.get(w, frozenset()) for k, w in top.items()}
+            self._model_ops = {id(node.op) for node in nodes}
         return self._graph
 
     @property
@@ -367,7 +379,27 @@ class TrainModel(Model):
             if len(_input_keys(s)) != 1:
                 raise ValueError(f"{what}: reduce step {s!r} must have one input, it has {_input_keys(s)}")
         self._check_key_name(key_name, what)
+        block, *steps = self._fresh([block, *steps], what)
         return _Term(block, out, dict(connections), steps, key_name)
+
+    def _fresh(self, blocks: Sequence[Any], what: str) -> list[Any]:
+        """``blocks``, each copied where this TrainModel (or the list itself) holds that
+        instance already: one criterion for two losses, one ``reduce_steps`` list for several
+        (as torch's ``crit = nn.MSELoss()`` called twice). A block with parameters or state
+        is refused instead: a copy would not share them."""
+        self._analysis()
+        held = set(self._model_ops) | {id(b) for t in (*self._losses, *self._metrics)
+                                       for b in (t.block, *t.steps)} | {id(r.block) for r in self._regs}
+        fresh = []
+        for block in blocks:
+            if id(block) in held or getattr(block, "_used", False):
+                if _has_parameters(block):
+                    raise ValueError(f"{what}: {block!r} is already part of this TrainModel and has "
+                                     "parameters or state; create a new instance")
+                block = copy.deepcopy(block)
+            held.add(id(block))
+            fresh.append(block)
+        return fresh
 
     # -- the published API ---------------------------------------------------------------------
     def add_loss(self, loss: Operator | Model, reduce_steps: Sequence[Any] | None = None,
@@ -429,6 +461,7 @@ class TrainModel(Model):
             raise ValueError(f"{what}: key_name names one output, but the pattern matches "
                              f"{[t for t, _ in targets]}")
         self._check_key_name(key_name, what)
+        (model,) = self._fresh([model], what)
         for i, (target, is_param) in enumerate(targets):
             block = model if i == 0 and len(targets) == 1 else copy.deepcopy(model)
             self._regs.append(_Reg(block, out, reg_key, target, is_param, c, dict(others), key_name))
