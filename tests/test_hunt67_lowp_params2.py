@@ -105,3 +105,45 @@ def test_torch_optimizer_refuses_float8_parameters_at_construction(dtype):
     w.grad = torch.ones(3, dtype=torch.float16)
     opt.step()
     assert (w.detach() == -0.1).all()
+
+
+def _agc64(g: np.ndarray, p: np.ndarray, c: float, eps: float = 1e-3) -> np.ndarray:
+    """optax adaptive_grad_clip of a 2-D tensor in float64 (units: the columns)."""
+    g, p = g.astype(np.float64), p.astype(np.float64)
+    gn, pn = np.sqrt((g * g).sum(0)), np.sqrt((p * p).sum(0))
+    bound = np.maximum(pn, eps) * c
+    return g * np.where(gn < bound, 1.0, bound / np.maximum(gn, 1e-6))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
+def test_adaptive_clip_of_float16_gradients_does_not_overflow(backend):
+    """``adaptive_clip`` on float16: each unit's Σ g² was summed in float16, inf past 65504
+    (a unit norm past 256, 100 gradients of 60), so the factor c·‖p‖/inf was 0: the unit's
+    gradient became 0 and the parameters never moved, on every backend and without a
+    warning (optax's float16 ``adaptive_grad_clip`` does the same: kept below; torch's
+    norms of float16 accumulate in float32, e.g. ``clip_grad_norm_``). Now the norms are
+    float32: the clipped gradient and the step are those of float64 from the same float16
+    values, to float16 rounding, and float16 comes back."""
+    from mithril.utils.optimizers.clipping import adaptive_clip
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((100, 20)).astype(np.float32)
+    g = (60 * rng.standard_normal((100, 20))).astype(np.float32)
+    w16, g16 = w.astype(np.float16), g.astype(np.float16)
+    want = _agc64(g16, w16, 0.01)
+    assert np.sqrt((want ** 2).sum(0)).min() > 0.05  # (the bound: 0.01·‖p_u‖ ≈ 0.1)
+    tx = optax.adaptive_grad_clip(0.01)  # (optax's float16: all zero)
+    theirs, _ = tx.update({"w": jnp.asarray(g16)}, tx.init({"w": jnp.asarray(w16)}),
+                          {"w": jnp.asarray(w16)})
+    assert np.abs(_f32(theirs["w"])).max() == 0
+
+    clipped = adaptive_clip(_arr(backend, g, "float16"), _arr(backend, w, "float16"), 0.01)
+    assert str(clipped.dtype).removeprefix("torch.") == "float16"
+    np.testing.assert_allclose(_f32(clipped), want, rtol=2e-3, atol=1e-6)
+
+    opt = mo.SGD(1.0, adaptive_clip=0.01)
+    p = {"w": _arr(backend, w, "float16")}
+    out, state = opt.update(p, {"w": _arr(backend, g, "float16")}, opt.init(p))
+    step = _f32(out["w"]) - w16.astype(np.float32)
+    np.testing.assert_allclose(step, -want, atol=2e-3)  # (float16 ulp at |w| <= 4: 4e-3)
+    assert np.abs(step).max() > 0.01

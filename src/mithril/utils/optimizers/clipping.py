@@ -168,7 +168,10 @@ def units(shape: tuple[int, ...]) -> int:
 def adaptive_clip(g: Any, p: Any, clipping: float, eps: float = 1e-3) -> Any:
     """optax ``adaptive_grad_clip`` (Brock et al., 2021) for one tensor: each unit ``u`` of
     ``g`` (see :func:`units`) scaled by ``c·max(‖p_u‖, ε) / ‖g_u‖`` where ``‖g_u‖`` exceeds
-    that bound, else left as it is. Returns a new array; ``g`` and ``p`` are not modified."""
+    that bound, else left as it is. Returns a new array of ``g``'s dtype; ``g`` and ``p`` are
+    not modified. float16: the norms and the factor in float32, the factor rounded to
+    float16 (a unit's Σ g² past 65504, a norm past 256, was inf there, as in optax's float16:
+    the unit's gradient became 0 and its parameter never moved)."""
     from .elementwise import maximum, sqrt, where
 
     shape = tuple(g.shape)
@@ -176,10 +179,15 @@ def adaptive_clip(g: Any, p: Any, clipping: float, eps: float = 1e-3) -> Any:
     if math.prod(shape) == 0:  # no element to clip, and reshape(-1, 0) is ambiguous (raised)
         return g * 1
     g2, p2 = g.reshape(-1, n), p.reshape(-1, n)
-    g_norm, p_norm = sqrt((g2 * g2).sum(0)), sqrt((p2 * p2).sum(0))
+    half = str(g.dtype).removeprefix("torch.") == "float16"
+    wide = (lambda x: x.float()) if hasattr(g, "float") else (lambda x: x.astype(np.float32))
+    gw, pw = (wide(g2), wide(p2)) if half else (g2, p2)
+    g_norm, p_norm = sqrt((gw * gw).sum(0)), sqrt((pw * pw).sum(0))
     bound = maximum(p_norm, eps) * clipping
     scale = where(g_norm < bound, 1.0, bound / maximum(g_norm, 1e-6))
-    return (g2 * scale[None, :]).reshape(shape)
+    cast = (lambda x: x.to(g.dtype)) if hasattr(g, "float") else (lambda x: x.astype(g.dtype))
+    out = (g2 * (cast(scale) if half else scale)[None, :]).reshape(shape)
+    return out if out.dtype == g.dtype else cast(out)  # (NumPy bfloat16: was float32)
 
 
 # -- before every clip: centralization and normalization (the same functions on every path) --
