@@ -390,3 +390,22 @@ def test_float_functions_of_integers_take_the_backend_float_dtype(backend_cls):
             np.testing.assert_allclose(b.to_numpy(got), want, rtol=1e-6 if dt == "float32" else 1e-14)
         half = b.array(np.array([0.5]), dtype="float16")  # (floats keep their dtype)
         assert b.dtype_name(b.exp(half)) == "float16"
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_a_helpers_key_is_an_int_seed(backend_cls):
+    # key=1.5 drew from seed 1, key="3" from seed 3, key=True from seed 1 and key=-1 raised
+    # NumPy's "expected non-negative integer"; a JAX PRNG key, which JaxBackend(seed=key)
+    # takes, was a TypeError from int()
+    b = backend_cls(seed=0)
+    for bad, err in ((1.5, TypeError), ("3", TypeError), (True, TypeError), (-1, ValueError)):
+        with pytest.raises(err, match="key must be"):
+            b.randn(2, key=bad)
+    want = np.random.default_rng(3).standard_normal(4)
+    np.testing.assert_allclose(b.to_numpy(b.randn(4, key=np.int64(3))), want, rtol=1e-6)
+    if backend_cls is ml.JaxBackend:
+        np.testing.assert_allclose(b.to_numpy(b.randn(4, key=jax.random.PRNGKey(3))), want,
+                                   rtol=1e-6)
+    # no draw touched the backend's own stream
+    np.testing.assert_allclose(b.to_numpy(b.rand(2)), np.random.default_rng(0).random(2),
+                               rtol=1e-6)

@@ -261,7 +261,20 @@ class ArrayHelpers:
 
     # -- randomness --------------------------------------------------------------------------
     def _gen(self, key: int | None) -> np.random.Generator:
-        return self._rng if key is None else np.random.default_rng(int(key))
+        return self._rng if key is None else np.random.default_rng(self._key(key))
+
+    def _key(self, key: Any) -> int:
+        """``key=`` as the seed it is: an int >= 0 (a float or a string was truncated or
+        parsed, a negative one NumPy's "expected non-negative integer")."""
+        if isinstance(key, (bool, np.bool_)):
+            raise TypeError(f"key must be an int (the seed of the draw), got {key!r}")
+        try:
+            k = operator.index(key)
+        except TypeError:
+            raise TypeError(f"key must be an int (the seed of the draw), got {key!r}") from None
+        if k < 0:
+            raise ValueError(f"key must be >= 0 (the seed of the draw), got {k}")
+        return k
 
     def randn(self, *shape: int | Sequence[int], dtype: Any = None, key: int | None = None,
               device_mesh: Any = None) -> Any:

@@ -123,6 +123,10 @@ class JaxBackend(Backend):
         """As :meth:`Backend.set_seed`; a JAX PRNG key is taken as its seed (:func:`key_seed`)."""
         super().set_seed(key_seed(seed))
 
+    def _key(self, key: Any) -> int:
+        """A helper's ``key=``: an int, or a JAX PRNG key taken as its seed (as ``set_seed``)."""
+        return super()._key(key_seed(key))
+
     def _ns(self) -> Any:
         import jax.numpy as jnp
 
