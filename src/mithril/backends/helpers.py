@@ -45,14 +45,16 @@ def shape_arg(shape: tuple[Any, ...], who: str = "shape") -> tuple[int, ...]:
 def host_array(data: Any) -> np.ndarray:
     """``data`` as a NumPy array; a torch tensor (which ``np.asarray`` refuses when it
     requires grad, lives on a GPU or is bfloat16) detached, on the CPU, bfloat16 as
-    ml_dtypes' (the same bits)."""
+    ml_dtypes' (the same bits; float32 without ml_dtypes)."""
     if type(data).__module__.startswith("torch") and hasattr(data, "detach"):
         import torch
 
         t = data.detach().cpu()
         if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
+            try:
+                import ml_dtypes
+            except ImportError:  # (a torch-only install: the same values in float32)
+                return t.float().numpy()
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     return np.asarray(data)
