@@ -189,7 +189,8 @@ def resolve_defaults(args: argparse.Namespace, task: str) -> None:
         raise CLIError("--epochs does not apply to charlm: its budget is --steps (measured "
                        "every --eval-every steps)")
     for name, value in DEFAULTS[task].items():
-        if getattr(args, name, None) is None and not _not_taken(args, name):
+        if getattr(args, name, None) is None and not _not_taken(args, name) and \
+                not _not_its_optimizer(args, task, name):
             setattr(args, name, value)
     if task == "charlm" and args.warmup_steps is None:
         # none before one-cycle, which warms up itself: the rate would climb to --lr, drop to
@@ -200,6 +201,21 @@ def resolve_defaults(args: argparse.Namespace, task: str) -> None:
             else min(100, args.steps // 10)
     if task == "tabular" and args.target is None and needs_target(args.data):
         raise CLIError(f"--data {args.data}: give --target COLUMN, the column to predict")
+
+
+#: a job's defaults that belong to its optimizer (charlm's AdamW 3e-3 with decoupled decay
+#: 0.1, digits-cnn's Adam 3e-3): another optimizer takes its own (sgd 0.05, prodigy's
+#: multiplier 1, ...), not a rate tuned for Adam
+OPTIMIZER_DEFAULTS = ("lr", "weight_decay")
+
+
+def _not_its_optimizer(args: argparse.Namespace, task: str, name: str) -> bool:
+    """Whether ``name`` is one of :data:`OPTIMIZER_DEFAULTS` and ``--optimizer`` is not the
+    job's default optimizer."""
+    if name not in OPTIMIZER_DEFAULTS or "optimizer" not in DEFAULTS[task]:
+        return False
+    chosen = str(getattr(args, "optimizer", None) or "").partition(":")[0]
+    return chosen.strip().lower().replace("_", "-") != DEFAULTS[task]["optimizer"]
 
 
 def _not_taken(args: argparse.Namespace, name: str) -> bool:
