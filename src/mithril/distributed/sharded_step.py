@@ -70,7 +70,7 @@ def sharded_step(dp: Any, params: Mapping[str, Any], gradients: Mapping[str, Any
     # float16 the send buffer is divided in place, and alone it is the buffer the clip
     # scales; so where they were passed, a scratch copy takes that (before, the views were
     # left divided by N, or clipped)
-    if refused is None and (half or world == 1) and any(
+    if refused is None and (half or world == 1 and opt.clip_norm is not None) and any(
             gradients.get(n) is v for n, v in state._grad_views.items()):
         if state._scratch is None:
             state._scratch = _empty(ch.total, send)
