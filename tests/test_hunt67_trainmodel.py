@@ -9,7 +9,20 @@ import torch
 
 import mithril as ml
 from mithril.errors import KeyMismatchError
-from mithril.models import L1, L2, IOKey, Linear, Mean, Model, Reshape, SquaredError, TrainModel
+from mithril.models import (
+    L1,
+    L2,
+    AbsoluteError,
+    IOKey,
+    Linear,
+    Mean,
+    Model,
+    Relu,
+    Reshape,
+    SquaredError,
+    Sum,
+    TrainModel,
+)
 from mithril.utils.optimizers import SGD
 from mithril.utils.training import make_train_step
 
@@ -159,3 +172,70 @@ def test_a_shared_block_with_parameters_is_refused_when_added():
     assert "m" not in tm.conns and len(tm._metrics) == 0
     compiled = ml.compile(tm, ml.NumpyBackend(dtype=ml.float64), shapes={"input": [None, 1]})
     assert sorted(compiled.output_keys) == ["final_cost", "output"]
+
+
+def _hidden_wire_model() -> Model:
+    model = Model()
+    model |= Linear(4).connect(input="input", output=IOKey("h", expose=False))
+    model |= Relu().connect(input="h", output="output")
+    return model
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_a_connection_naming_an_internal_wire_is_refused(backend_cls):
+    """target='h', 'h' an expose=False wire inside the model, silently read that wire (the
+    loss was mean((relu(h) - h)²), no target input); outside its model the wire is hidden
+    (as for Model composition, where 'h' is a new input): refused, naming it, and nothing
+    changes: the TrainModel then trains on a target named otherwise."""
+    tm = TrainModel(_hidden_wire_model())
+    with pytest.raises(KeyMismatchError, match=r"connection 'target': 'h' is an internal wire"):
+        tm.add_loss(SquaredError(), input="output", target="h")
+    with pytest.raises(KeyMismatchError, match=r"'h' is an internal wire"):
+        tm.add_metric(AbsoluteError(), input="output", target=IOKey("h"))
+    tm.add_loss(SquaredError(), input="output", target="target")
+    backend = backend_cls(dtype=ml.float64)
+    compiled = ml.compile(tm, backend, shapes={"input": [None, 3]})
+    assert sorted(compiled.input_keys) == ["input", "target"]
+    weight = rng.standard_normal((4, 3))
+    params = {"linear.weight": backend.array(weight), "linear.bias": backend.array(B4)}
+    out, grads = compiled.evaluate(params, {"input": backend.array(X), "target": backend.array(T)},
+                                   output_gradients=True)
+    w, b = torch.tensor(weight, requires_grad=True), torch.tensor(B4, requires_grad=True)
+    cost = torch.nn.functional.mse_loss(torch.relu(torch.tensor(X) @ w.T + b), torch.tensor(T))
+    cost.backward()
+    np.testing.assert_allclose(backend.to_numpy(out["final_cost"]), cost.item(), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(grads["linear.weight"]), w.grad.numpy(), rtol=1e-12,
+                               atol=1e-14)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_key_name_of_an_input_another_term_reads_is_refused(backend_cls):
+    """key_name='aux' where a loss reads the data input 'aux' (or the regularizer's key_name
+    'target') was accepted: that loss then read the new output instead of its data, and
+    compile failed on a shape. Refused at the call, naming it; the TrainModel is unchanged."""
+    tm = TrainModel(Linear(4))
+    tm.add_loss(SquaredError(), input="output", target="aux")
+    with pytest.raises(KeyMismatchError, match=r"key_name 'aux' is already the name of an input"):
+        tm.add_loss(AbsoluteError(), reduce_steps=Sum(), input="output", target="t2", key_name="aux")
+    with pytest.raises(KeyMismatchError, match=r"key_name 'aux' is already the name of an input"):
+        tm.add_regularization(L2(), coef=0.1, input="linear.weight", key_name="aux")
+    with pytest.raises(KeyMismatchError, match=r"key_name 't2' is already the name of an input"):
+        tm.add_loss(AbsoluteError(), input="output", target="t2", key_name="t2")
+    tm.add_loss(AbsoluteError(), reduce_steps=Sum(), input="output", target="t2", key_name="l1")
+    backend = backend_cls(dtype=ml.float64)
+    compiled = ml.compile(tm, backend, shapes={"input": [None, 3]})
+    weight, t2 = rng.standard_normal((4, 3)), rng.standard_normal((5, 4))
+    params = {"linear.weight": backend.array(weight), "linear.bias": backend.array(B4)}
+    out = compiled.evaluate(params, {"input": backend.array(X), "aux": backend.array(T),
+                                     "t2": backend.array(t2)})
+    y = X @ weight.T + B4
+    np.testing.assert_allclose(backend.to_numpy(out["l1"]), np.abs(y - t2).sum(), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(out["final_cost"]),
+                               np.mean((y - T) ** 2) + np.abs(y - t2).sum(), rtol=1e-12)
+
+
+def test_reduce_steps_not_a_list():
+    tm = TrainModel(Linear(4))
+    with pytest.raises(TypeError, match=r"add_loss: reduce_steps must be a list of reductions"):
+        tm.add_loss(SquaredError(), "mean", input="output", target="target")
+    assert tm._losses == []

@@ -301,7 +301,7 @@ class TrainModel(Model):
             raise ValueError(f"{what}: this TrainModel has been compiled; no more losses, "
                              "regularizers or metrics can be added")
 
-    def _check_key_name(self, key_name: str | None, what: str) -> None:
+    def _check_key_name(self, key_name: str | None, what: str, connections: Any = ()) -> None:
         if key_name is None:
             return
         if not isinstance(key_name, str):
@@ -310,6 +310,11 @@ class TrainModel(Model):
             | {r.key_name for r in self._regs}
         if key_name in taken:
             raise KeyMismatchError(f"{what}: key_name '{key_name}' is already a terminal of the model")
+        # (an input a term reads, target='aux': the output would feed it)
+        read = [c for t in (*self._losses, *self._metrics, *self._regs) for c in t.connections.values()]
+        if key_name in {_name_of(v) for v in (*read, *connections) if isinstance(v, (str, IOKey))}:
+            raise KeyMismatchError(f"{what}: key_name '{key_name}' is already the name of an input "
+                                   "that a loss, metric or regularizer reads")
 
     def _terminal_name(self, t: Terminal, what: str) -> str:
         """The name of the terminal a connection object (``model.cout``) refers to."""
@@ -366,11 +371,17 @@ class TrainModel(Model):
                                 f"or a constant, got {v!r}")
             if _name_of(v) == FINAL_COST or (isinstance(v, str) and v.startswith("$")):
                 raise KeyMismatchError(f"{what}: connection '{k}' cannot use the name {v!r}")
+        self._check_visible(connections, what)
         outputs = set(self._model.output_keys)
         if need_output and not {_name_of(v) for v in connections.values()} & outputs:
             raise KeyMismatchError(
                 f"{what}: none of the connections {dict((k, _name_of(v)) for k, v in connections.items())} "
                 f"names an output of the model; its outputs are {sorted(outputs)}")
+        if isinstance(steps, (Operator, Model)):
+            steps = [steps]  # (one step, not in a list)
+        elif steps is not None and not isinstance(steps, Sequence) or isinstance(steps, str):
+            raise TypeError(f"{what}: reduce_steps must be a list of reductions (e.g. [Mean()]), "
+                            f"got {steps!r}")
         steps = list(steps) if steps else []
         for s in steps:
             if not isinstance(s, (Operator, Model)):
@@ -378,9 +389,19 @@ class TrainModel(Model):
             _single_output(s, f"{what} (reduce step)")
             if len(_input_keys(s)) != 1:
                 raise ValueError(f"{what}: reduce step {s!r} must have one input, it has {_input_keys(s)}")
-        self._check_key_name(key_name, what)
+        self._check_key_name(key_name, what, connections.values())
         block, *steps = self._fresh([block, *steps], what)
         return _Term(block, out, dict(connections), steps, key_name)
+
+    def _check_visible(self, connections: dict[str, Any], what: str) -> None:
+        """Refuses a name that is an internal wire of the model (``expose=False``): outside
+        the model it is hidden, so the name would neither be that wire nor a new input."""
+        hidden = set(self._model.conns) - set(self._model.terminals) - set(self._model.output_keys)
+        for k, v in connections.items():
+            if isinstance(v, (str, IOKey)) and _name_of(v) in hidden:
+                raise KeyMismatchError(f"{what}: connection '{k}': '{_name_of(v)}' is an internal wire "
+                                       "of the model (expose=False); make it an output with "
+                                       "expose_keys(...) to read it, or name a new input otherwise")
 
     def _fresh(self, blocks: Sequence[Any], what: str) -> list[Any]:
         """``blocks``, each copied where this TrainModel (or the list itself) holds that
@@ -436,6 +457,7 @@ class TrainModel(Model):
         for k, v in others.items():
             if not isinstance(v, (str, IOKey)) or _name_of(v) is None:
                 raise TypeError(f"{what}: connection '{k}' must be a name, got {v!r}")
+        self._check_visible(others, what)
         params, _ = self._analysis()
         sel = connections[reg_key]
         if isinstance(sel, Terminal):  # as published: input=lin.weight
@@ -460,7 +482,7 @@ class TrainModel(Model):
         if key_name is not None and len(targets) > 1:
             raise ValueError(f"{what}: key_name names one output, but the pattern matches "
                              f"{[t for t, _ in targets]}")
-        self._check_key_name(key_name, what)
+        self._check_key_name(key_name, what, others.values())
         (model,) = self._fresh([model], what)
         for i, (target, is_param) in enumerate(targets):
             block = model if i == 0 and len(targets) == 1 else copy.deepcopy(model)
