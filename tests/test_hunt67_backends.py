@@ -409,3 +409,28 @@ def test_a_helpers_key_is_an_int_seed(backend_cls):
     # no draw touched the backend's own stream
     np.testing.assert_allclose(b.to_numpy(b.rand(2)), np.random.default_rng(0).random(2),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_same_seed_gives_the_same_half_precision_draws_on_every_backend(dtype):
+    # torch rounds float64 to a half dtype through float32 (twice), NumPy and JAX once: the
+    # same seed gave other float16 / bfloat16 parameters and randn draws on torch
+    v = np.array([1.0 + 2**-8 + 2**-30])
+    assert torch.tensor(v).to(torch.bfloat16).item() == 1.0  # (twice rounded)
+    assert float(jax.numpy.asarray(v, dtype=jax.numpy.bfloat16)[0]) == 1.0078125  # (once)
+    from mithril.models import Linear
+
+    draws, params = [], []
+    for backend_cls in BACKENDS:
+        b = backend_cls(dtype=dtype, seed=0)
+        draws.append(np.asarray(b.to_numpy(b.randn(200_000)), dtype=np.float32))
+        c = ml.compile(Linear(256), b, shapes={"input": [2, 512]})
+        params.append(np.asarray(b.to_numpy(c.get_parameters()["linear.weight"]), np.float32))
+    ref = np.random.default_rng(0).standard_normal(200_000)
+    import ml_dtypes
+
+    want = np.asarray(ref, dtype=ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16)
+    for got in draws:
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+    for got in params[1:]:
+        np.testing.assert_array_equal(got, params[0])

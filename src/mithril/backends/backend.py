@@ -127,7 +127,7 @@ class Backend(ArrayHelpers, ABC):
             data = np.full(shape, float(kind.split(":", 1)[1]))
         else:
             raise ValueError(f"unknown initialiser {kind!r}")
-        return self.array(data)
+        return self._drawn(data, self.dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dtype={self.dtype!r})"

@@ -262,6 +262,20 @@ class ArrayHelpers:
         return self.to_numpy(x) if isinstance(x, self.native_type) else host_array(x)
 
     # -- randomness --------------------------------------------------------------------------
+    def _drawn(self, data: np.ndarray, dtype: str) -> Any:
+        """Float64 draws as a native array of ``dtype``, rounded once on the host to a half
+        dtype: torch rounds float64 to float16 / bfloat16 through float32 (twice: 1 + 2**-8
+        + 2**-30 gives bfloat16 1.0, NumPy 1.0078125), so the same seed gave other half
+        parameters on torch than on NumPy and JAX."""
+        if dtype in ("float16", "bfloat16"):
+            try:
+                from .numpy_backend import numpy_dtype
+
+                data = np.asarray(data, dtype=numpy_dtype(dtype))
+            except ValueError:  # (bfloat16 without ml_dtypes: torch's own rounding)
+                pass
+        return self.array(data, dtype)
+
     def _gen(self, key: int | None) -> np.random.Generator:
         return self._rng if key is None else np.random.default_rng(self._key(key))
 
@@ -283,14 +297,14 @@ class ArrayHelpers:
         """Standard-normal samples of ``shape`` (``randn(32, 784)`` or ``randn((32, 784))``)."""
         refuse_device_mesh(device_mesh, f"{type(self).__name__}.randn")
         s, dt = shape_arg(shape, "randn"), self._float_dt(dtype, "randn")
-        return self.array(self._gen(key).standard_normal(s), dt)
+        return self._drawn(self._gen(key).standard_normal(s), dt)
 
     def rand(self, *shape: int | Sequence[int], dtype: Any = None, key: int | None = None,
              device_mesh: Any = None) -> Any:
         """Uniform samples in [0, 1) of ``shape``."""
         refuse_device_mesh(device_mesh, f"{type(self).__name__}.rand")
         s, dt = shape_arg(shape, "rand"), self._float_dt(dtype, "rand")
-        return self.array(self._gen(key).random(s), dt)
+        return self._drawn(self._gen(key).random(s), dt)
 
     def rand_uniform(self, low: Any, high: Any, *shape: int | Sequence[int], dtype: Any = None,
                      key: int | None = None, device_mesh: Any = None) -> Any:
@@ -303,7 +317,7 @@ class ArrayHelpers:
             raise ValueError(f"rand_uniform(): low and high must be finite, got {low!r}, {high!r}")
         if np.any(lo > hi):
             raise ValueError(f"rand_uniform(): low must be <= high, got {low!r} > {high!r}")
-        return self.array(self._gen(key).uniform(lo, hi, s or None), dt)
+        return self._drawn(self._gen(key).uniform(lo, hi, s or None), dt)
 
     def randint(self, low: int, high: int, *shape: int | Sequence[int], dtype: Any = None,
                 key: int | None = None, device_mesh: Any = None) -> Any:
