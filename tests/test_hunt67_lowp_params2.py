@@ -147,3 +147,52 @@ def test_adaptive_clip_of_float16_gradients_does_not_overflow(backend):
     step = _f32(out["w"]) - w16.astype(np.float32)
     np.testing.assert_allclose(step, -want, atol=2e-3)  # (float16 ulp at |w| <= 4: 4e-3)
     assert np.abs(step).max() > 0.01
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch", "optax_transformation"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_decoupled_weight_decay_factor_is_not_rounded_to_half(dtype, backend):
+    """Decoupled weight decay on half-precision parameters: ``p·(1 − lr·wd)`` took the keep
+    factor as a NumPy / JAX weak scalar, rounded to the parameters' dtype first (bfloat16
+    0.99 is 0.98828: 17% more decay than asked, 0.999 is 1: none), on NumPy, the jitted
+    JAX engine (its later fast steps too), ``optax_transformation`` and torch's parameter
+    groups; torch.optim.AdamW (``param.mul_(1 − lr·wd)``, in float32) and optax's
+    ``adamw`` do not. Now ``p·keep`` is rounded once: with zero gradients (Adam's step 0)
+    10 steps of ``AdamW`` (and of a second group with its own decay) equal the float64
+    product rounded each step, and torch.optim.AdamW bit for bit."""
+    from mithril.interop import optax_transformation
+
+    rng = np.random.default_rng(0)
+    w = (10 * rng.standard_normal(1000)).astype(np.float32)
+    decays = {"w": 0.1, "v": 0.3}  # lr·wd: 0.01 and 0.03
+
+    def make() -> Any:
+        return mo.AdamW(0.1, weight_decay=0.1, epsilon=1e-4,
+                        param_groups=[{"params": ["v"], "weight_decay": 0.3}])
+
+    kind = "jax" if backend == "optax_transformation" else backend
+    p = {k: _arr(kind, w, dtype) for k in decays}
+    zeros = {k: _arr(kind, np.zeros_like(w), dtype) for k in decays}
+    opt = make()
+    if backend == "optax_transformation":
+        tx = optax_transformation(opt)
+        s = tx.init(p)
+        for _ in range(10):
+            u, s = tx.update(zeros, s, p)
+            p = optax.apply_updates(p, u)
+    else:
+        state = opt.init(p)
+        for _ in range(10):
+            p, state = opt.update(p, zeros, state)
+    for k, wd in decays.items():
+        want = _arr("numpy", w, dtype)
+        for _ in range(10):
+            want = (want.astype(np.float64) * (1 - 0.1 * wd)).astype(want.dtype)
+        assert str(p[k].dtype).removeprefix("torch.") == dtype
+        np.testing.assert_array_equal(_f32(p[k]), want.astype(np.float32))
+        ref = torch.nn.Parameter(torch.tensor(w).to(AS["torch"][dtype]))
+        peer = torch.optim.AdamW([ref], lr=0.1, weight_decay=wd, eps=1e-4, foreach=False)
+        for _ in range(10):
+            ref.grad = torch.zeros_like(ref)
+            peer.step()
+        np.testing.assert_array_equal(_f32(p[k]), _f32(ref.detach()))

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..utils.optimizers.elementwise import times_keep
 from ..utils.optimizers.engines.common import norm_scale
 from ..utils.optimizers.engines.jax_engine import scaled_norm
 from .optax_scalars import _Plan, _value
@@ -126,7 +127,8 @@ def _prologue(opt: Any, plan: _Plan, leaves: list[Any], grads: list[Any],
             g = g + jnp.asarray(_value(a.get("weight_decay", l2)), p.dtype) * p
         gs.append(g)
         decays = dwd or ("weight_decay" in live and plan.decay[r] == "decoupled")
-        ps.append(p * rows[r][0].astype(p.dtype) if decays else p)
+        keep = rows[r][0] if p.dtype.itemsize < 4 else rows[r][0].astype(p.dtype)
+        ps.append(times_keep(p, keep) if decays else p)  # (half: keep not rounded to it)
     return gs, ps, norm, checked
 
 

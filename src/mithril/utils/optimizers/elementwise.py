@@ -177,3 +177,17 @@ def helper(fn: Any) -> Any:
     from .engines.literals import typed_literals
 
     return register_jitable(inline="always")(typed_literals(fn))
+
+
+def times_keep(p: Any, keep: Any) -> Any:
+    """``p · keep``, decoupled weight decay's ``p·(1 − lr·wd)``, rounded once to ``p``'s dtype
+    (NumPy, torch or traced JAX): ``keep`` (a float, or a float32/float64 array) is not
+    rounded to a float16 / bfloat16 ``p``'s dtype first, as NumPy's and JAX's weak scalars
+    are (bfloat16 0.99 is 0.98828: 17% more decay than asked; 0.999 is 1: none), and as
+    torch's ``param.mul_(1 - lr * wd)`` computes it (in float32)."""
+    if getattr(p.dtype, "itemsize", 4) >= 4:
+        return p * keep
+    if hasattr(p, "float"):  # torch
+        return (p.float() * keep).to(p.dtype)
+    k = np.float32(keep) if isinstance(keep, (int, float)) else keep.astype(np.float32)
+    return (p.astype(np.float32) * k).astype(p.dtype)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..averaging import average
+from ..elementwise import times_keep
 from .common import (
     Engine,
     all_finite,
@@ -183,11 +184,11 @@ class ArrayEngine(Engine):
         if opt.two_pass():
             table, index = self._first_pass(opt, state, t, P, g, cols, table, index, grads)
             g, cols = self._prologue(g_raw, P, table, index, clip)
-        keep, scal = cols[3], cols[4:]
+        keep, scal = self._keep(table, index, cols[3]), cols[4:]
         names = opt.full_slot_names()
         olds = [P, *(state.slots[s] for s in names)]
-        out = self._stored(names, opt.full_kernel_math(len(scal))(P * keep, g, *olds[1:],
-                                                                   *scal))
+        out = self._stored(names, opt.full_kernel_math(len(scal))(times_keep(P, keep), g,
+                                                                   *olds[1:], *scal))
         present = None
         if len(grads) != len(lay.names):  # leave parameters without gradient untouched
             present = self._per_element(np.array([n in grads for n in lay.names]))
@@ -242,13 +243,21 @@ class ArrayEngine(Engine):
         if k:
             own = opt.slot_names()
             n_own = len(cols) - 4 - (len(opt.full_slot_names()) - len(own))
-            terms = opt.reduce_math()(P * cols[3], g, *(state.slots[s] for s in own),
+            terms = opt.reduce_math()(times_keep(P, self._keep(table, index, cols[3])), g,
+                                      *(state.slots[s] for s in own),
                                       *cols[4:4 + n_own])
             for j, term in enumerate(terms):
                 sums[:, j] = self._tensor_sums(term)
         present = np.array([name in grads for name in lay.names], dtype=bool)
         sums[~present] = 0.0  # a tensor without a gradient counts for nothing (as numba's)
         return two_pass_table(opt, state, t, table, index, sums, present)
+
+    def _keep(self, table: np.ndarray, index: np.ndarray, keep: Any) -> Any:
+        """The decoupled decay's keep factor ``keep`` (column 3), per element in float32
+        where :meth:`_columns` rounded it to half precision (several groups)."""
+        if isinstance(keep, float) or self.layout.dtype not in ("float16", "bfloat16"):
+            return keep
+        return self._per_element(table[index][:, 3].astype(np.float32))
 
     def _columns(self, table: np.ndarray, index: np.ndarray) -> list[Any]:
         """Each scalar of the table: a Python float with one parameter group, else an array

@@ -287,6 +287,8 @@ class JaxRecipe:
         self.single = len(views) == 1 and views[0] is opt
         self.dtype = np.dtype(engine.layout.dtype)
         self.bound = _largest(self.dtype)
+        if self.dtype.itemsize < 4:  # (half: the table as the full step passes it, float32)
+            self.dtype = np.dtype(np.float32)
 
     def holds(self, opt: Any, state: Any) -> bool:
         return (state.slots is self.slots and self.slots.version == self.version

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..averaging import average
+from ..elementwise import times_keep
 from ..state import DeviceReport
 from . import fast_step
 from .common import (
@@ -265,6 +266,7 @@ class JaxEngine(Engine):
         lay = self.layout
         parts = Parts(lay, self.bounds)
         n_slots = len(slot_names)
+        half = lay.dtype in ("float16", "bfloat16")
         gnames = lay.name_list if present is None else list(present)
 
         # (which tensors have a gradient: those without keep their tensor slots)
@@ -295,13 +297,15 @@ class JaxEngine(Engine):
                     parts, first, wide, ps, gs, cols, slots, t,
                     {s: v.astype(wide.dtype) for s, v in (tensors or {}).items()}, numbers,
                     values or {}, pmask)
-                table = table.astype(lay.dtype)
+                wide, table = table, table.astype(lay.dtype)
                 cols = parts.cols(table, sels)
+            kcols = parts.cols(wide, sels) if half else cols  # (keep: times_keep)
             n_scal = table.shape[1]
             new_ps, new_slots = [], []
             for c, (p, g, col, mask) in enumerate(zip(ps, gs, cols, masks)):
                 old = [slots[s][c] for s in slot_names]
-                out = math_fn(p * col(3), g, *old, *(col(j) for j in range(4, n_scal)))
+                out = math_fn(times_keep(p, kcols[c](3)), g, *old,
+                              *(col(j) for j in range(4, n_scal)))
                 new_p, new = out[0], list(out[1:])
                 if mask is not None:  # some tensors have no gradient: left untouched
                     new_p = jnp.where(mask, new_p, p)
@@ -540,8 +544,10 @@ class JaxEngine(Engine):
         selectors = self._selectors(rows, present)
         with np.errstate(over="ignore"):  # a scalar too large for the dtype: found below
             # (a one-program two-pass step's table: in the width of its sums)
+            # (half precision: too, for the decay's keep factor, times_keep)
             hp = table.astype(self.jnp.promote_types(lay.dtype, np.float32)
-                              if first or tclip else lay.dtype)
+                              if first or tclip or lay.dtype in ("float16", "bfloat16")
+                              else lay.dtype)
         cn = _clip_norm(opt, flags[:1] if tclip is None else (tclip[3],), lay.dtype)
         kernel_slots = {s: slots.chunks(s) for s in names}
         extra = ()
