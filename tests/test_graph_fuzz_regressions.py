@@ -77,9 +77,9 @@ def test_max_min_over_an_empty_axis_is_a_shape_error(reduce, backend_name):
 
 # -- an array evaluate cannot convert ------------------------------------------------------------
 # A torch tensor that requires grad, given to the NumPy or JAX backend, raised torch's own
-# RuntimeError ("Can't call numpy() on Tensor that requires grad"), naming no key; a ragged
-# list NumPy's ValueError. Both are the library's TypeError naming the key, and the next
-# correct call runs.
+# RuntimeError ("Can't call numpy() on Tensor that requires grad"), naming no key: it is taken
+# as its values now (4267a511). A ragged list raised NumPy's ValueError: the library's
+# TypeError naming the key, and the next correct call runs.
 @pytest.mark.parametrize("backend_name", ["numpy", "jax"])
 def test_an_array_that_cannot_be_converted_names_its_key(backend_name):
     import torch
@@ -89,8 +89,12 @@ def test_an_array_that_cannot_be_converted_names_its_key(backend_name):
     m |= Buffer()(input=IOKey("x") * IOKey("d"), output="y")
     c = ml.compile(m, b, shapes={"x": [2], "d": [2]}, trainable_keys=["x"])
     params = {"x": b.array(np.array([1.0, 2.0], np.float32))}
-    for bad in (torch.ones(2, requires_grad=True), [[1.0], [1.0, 2.0]]):
-        with pytest.raises(TypeError, match=rf"input 'd': cannot make a {backend_name} array of this"):
-            c.evaluate(params, {"d": bad})
+    with pytest.raises(TypeError, match=rf"input 'd': cannot make a {backend_name} array of this"):
+        c.evaluate(params, {"d": [[1.0], [1.0, 2.0]]})
+    # a torch tensor that requires grad is data: taken as its values (detached) on every
+    # backend, as the torch backend takes it (np.asarray refused it: NumPy and JAX raised)
+    d = torch.tensor([3.0, -4.0], requires_grad=True)
+    got = c.evaluate(params, {"d": d})["y"]
+    np.testing.assert_array_equal(b.to_numpy(got), (torch.tensor([1.0, 2.0]) * d).detach().numpy())
     out = c.evaluate(params, {"d": b.array(np.array([3.0, 4.0], np.float32))})
     np.testing.assert_array_equal(b.to_numpy(out["y"]), [3.0, 8.0])
