@@ -163,3 +163,28 @@ def test_charlm_gives_another_optimizer_its_own_rate_and_no_adamw_decay(tmp_path
     summary = json.loads((tmp_path / "w" / "summary.json").read_text())
     assert summary["config"]["settings"]["lr"] == 3e-3
     assert summary["config"]["settings"]["weight_decay"] == 0.1
+
+
+# -- bad flag values: named, nothing run --------------------------------------------------------
+def test_an_empty_resume_is_refused_not_a_fresh_run(tmp_path, capsys):
+    """``--resume ''`` (a shell variable left empty) was taken as no --resume: a fresh run
+    started, exit status 0. Refused now, as an empty --data or --run."""
+    out = tmp_path / "run"
+    for argv in (["train", "--epochs", "1"], ["compare", "--configs", "adam", "sgd"]):
+        err = usage_error(capsys, [*argv, "--resume", "", "--out", str(out)])
+        assert "argument --resume: must not be empty" in err
+        assert not out.exists()
+
+
+def test_a_scheduler_error_names_the_flag_of_torchs_capitalised_argument(tmp_path, capsys):
+    """CosineAnnealingLR's 'T_max must be > 0' and the warm restarts' 'T_0 ...' were not
+    matched to --t-max / --t-0 (the other settings' flags were named)."""
+    out = tmp_path / "lr.png"
+    err = usage_error(capsys, ["plot-schedule", "--t-max", "-1", "--out", str(out)])
+    assert "T_max must be > 0.0, got -1.0 (--t-max)" in err
+    err = usage_error(capsys, ["plot-schedule", "--scheduler", "cosine-restarts", "--t-0", "0",
+                               "--out", str(out)])
+    assert "(--t-0)" in err
+    err = usage_error(capsys, ["train", "--t-max", "0", "--dry-run", "--out", str(out)])
+    assert "(--t-max)" in err
+    assert not out.exists() and not out.with_suffix(".csv").exists()

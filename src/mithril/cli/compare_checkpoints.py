@@ -24,7 +24,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .argtypes import bounded_int, look
+from .argtypes import bounded_int, in_path, look
 from .errors import CLIError
 from .resume import CHECKPOINT_FILE, NOT_KEPT, _load, restore, snapshot, write_checkpoint
 
@@ -47,7 +47,7 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
                         f"configuration's when it finishes, each file replaced atomically, so "
                         f"that a comparison killed without warning resumes from there; "
                         f"implies --checkpoint")
-    g.add_argument("--resume", metavar="DIR",
+    g.add_argument("--resume", metavar="DIR", type=in_path,  # ('': not "no --resume")
                    help="continue the comparison in DIR with its flags (flags given replace "
                         "them; a larger --epochs trains every configuration further): the "
                         "finished configurations are read back, the one under way continues "

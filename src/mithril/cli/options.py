@@ -466,7 +466,8 @@ def build_schedule(optimizer: Any, specs: Sequence[tuple[str, Mapping[str, Any]]
             return SCHEDULERS[name][1](optimizer, applies, bounds[i + 1] - bounds[i], lr)
         except (ValueError, TypeError) as exc:
             msg = str(exc)  # the scheduler's message names its argument: name the flag too
-            flags = [OPTIONS[k].flag for k in SCHEDULERS[name][0] if msg.startswith(k + " ")]
+            flags = [OPTIONS[k].flag for k in SCHEDULERS[name][0]  # (torch's T_max, T_0)
+                     if msg.lower().startswith(k + " ")]
             hint = f" ({flags[0]})" if flags else ""
             raise CLIError(f"invalid setting for scheduler {name}: {msg}{hint}") from None
 

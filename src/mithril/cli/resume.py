@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
-from .argtypes import bounded_int, look
+from .argtypes import bounded_int, in_path, look
 from .errors import CLIError
 from .runtime import Position
 
@@ -68,7 +68,7 @@ def add_resume_flags(p: argparse.ArgumentParser) -> None:
                         f"while saving leaves the previous checkpoint), so that a run killed "
                         f"without warning resumes from its last one (as Keras's "
                         f"BackupAndRestore(save_freq=N)); implies --checkpoint")
-    g.add_argument("--resume", metavar="DIR",
+    g.add_argument("--resume", metavar="DIR", type=in_path,  # ('': not "no --resume")
                    help=f"continue the run in DIR (its {CHECKPOINT_FILE}, metrics.csv and "
                         f"epochs.csv) with its flags; flags given replace them: a larger "
                         f"--epochs trains further. Writes into DIR unless --out or --name")
