@@ -2,6 +2,7 @@
 autograd (float64), on NumPy, torch and JAX."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -239,3 +240,46 @@ def test_reduce_steps_not_a_list():
     with pytest.raises(TypeError, match=r"add_loss: reduce_steps must be a list of reductions"):
         tm.add_loss(SquaredError(), "mean", input="output", target="target")
     assert tm._losses == []
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_an_empty_batch_with_a_regularizer_gives_torchs_nan_and_inf(backend_cls):
+    """An empty batch (the last split of np.array_split) gave nan without a regularizer, as
+    torch, but a bare ZeroDivisionError ('float division by zero') with one: the regularizer
+    is divided by the Mean's 0 entries. It is torch's coef·R(x)/0 now: nan cost, ±inf / nan
+    gradients."""
+    weight = np.array([[1.0, 0.0, -2.0]] * 4)
+    tm = TrainModel(Linear(4))
+    tm.add_loss(SquaredError(), input="output", target="target")
+    tm.add_regularization(L2(), coef=0.3, input="linear.weight")
+    backend = backend_cls(dtype=ml.float64)
+    compiled = ml.compile(tm, backend, shapes={"input": [None, 3]})
+    params = {"linear.weight": backend.array(weight), "linear.bias": backend.array(B4)}
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (NumPy's mean of an empty slice)
+        out, grads = compiled.evaluate(params, {"input": backend.array(np.zeros((0, 3))),
+                                                "target": backend.array(np.zeros((0, 4)))},
+                                       output_gradients=True)
+    w, b = torch.tensor(weight, requires_grad=True), torch.tensor(B4, requires_grad=True)
+    y = torch.zeros(0, 3, dtype=torch.float64) @ w.T + b
+    cost = ((y - torch.zeros(0, 4, dtype=torch.float64)) ** 2).mean() + 0.3 * 0.5 * (w**2).sum() / 0
+    cost.backward()
+    assert np.isnan(backend.to_numpy(out["final_cost"])) and np.isnan(cost.item())
+    np.testing.assert_array_equal(backend.to_numpy(grads["linear.weight"]), w.grad.numpy())
+    np.testing.assert_array_equal(backend.to_numpy(grads["linear.bias"]), b.grad.numpy())
+    assert np.isinf(w.grad.numpy()[:, 0]).all()
+
+
+def test_a_pattern_matching_nothing_is_refused_and_changes_nothing():
+    """docs/mithril-compat.md: the published adds nothing, silently; here a KeyMismatchError
+    naming the pattern and the parameters, and the TrainModel's numbers stay as they were."""
+    tm = TrainModel(Linear(4))
+    tm.add_loss(SquaredError(), input="output", target="target")
+    with pytest.raises(KeyMismatchError, match=r"the pattern 'kernel' matches no parameter; the "
+                                               r"parameters are \['linear.weight', 'linear.bias'\]"):
+        tm.add_regularization(L2(), coef=0.1, input=re.compile(r"kernel"))
+    assert tm._regs == []
+    weight = rng.standard_normal((4, 3))
+    out = ml.compile(tm, ml.NumpyBackend(dtype=ml.float64), shapes={"input": [None, 3]}).evaluate(
+        {"linear.weight": weight, "linear.bias": B4}, {"input": X, "target": T})
+    np.testing.assert_allclose(out["final_cost"], np.mean((X @ weight.T + B4 - T) ** 2), rtol=1e-12)

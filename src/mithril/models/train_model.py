@@ -106,7 +106,8 @@ class RegularizerScale(Operator):
         sizes = [math.prod(_reduced_size(tuple(arrays[k].shape), a) for k, a in g) for g in self.groups]
         total = float(math.prod(sizes))
         geo = total if len(sizes) == 1 else total ** (1.0 / len(sizes))
-        return self.coef / geo
+        with np.errstate(divide="ignore", invalid="ignore"):  # (an empty batch: inf, as torch's)
+            return float(np.float64(self.coef) / geo)
 
     def forward(self, xp: Any, input: Any, **sized: Any) -> Any:
         return input * self._factor(sized)
