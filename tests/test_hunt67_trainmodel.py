@@ -283,3 +283,27 @@ def test_a_pattern_matching_nothing_is_refused_and_changes_nothing():
     out = ml.compile(tm, ml.NumpyBackend(dtype=ml.float64), shapes={"input": [None, 3]}).evaluate(
         {"linear.weight": weight, "linear.bias": B4}, {"input": X, "target": T})
     np.testing.assert_allclose(out["final_cost"], np.mean((X @ weight.T + B4 - T) ** 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_the_mean_combiner_of_losses_with_no_entry(backend_cls):
+    """set_loss_combiner(Mean()) of a loss left with no entry (Mean(axis=1) of an empty
+    batch): torch and JAX give nan and a zero gradient, the NumPy backend raised a bare
+    ZeroDivisionError in its VJP."""
+    tm = TrainModel(Linear(4))
+    tm.add_loss(SquaredError(), reduce_steps=[Mean(axis=1)], input="output", target="target")
+    tm.set_loss_combiner(Mean())
+    backend = backend_cls(dtype=ml.float64)
+    compiled = ml.compile(tm, backend, shapes={"input": [None, 3]})
+    weight = rng.standard_normal((4, 3))
+    params = {"linear.weight": backend.array(weight), "linear.bias": backend.array(B4)}
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, grads = compiled.evaluate(params, {"input": backend.array(np.zeros((0, 3))),
+                                                "target": backend.array(np.zeros((0, 4)))},
+                                       output_gradients=True)
+    w = torch.tensor(weight, requires_grad=True)
+    cost = (((torch.zeros(0, 3, dtype=torch.float64) @ w.T) ** 2).mean(1)).mean()
+    cost.backward()
+    assert np.isnan(backend.to_numpy(out["final_cost"])) and np.isnan(cost.item())
+    np.testing.assert_array_equal(backend.to_numpy(grads["linear.weight"]), w.grad.numpy())

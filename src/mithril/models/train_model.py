@@ -142,7 +142,8 @@ class FinalCost(Operator):
         return total
 
     def vjp(self, g, out, args, wrt):
-        scale = 1.0 / self._count(args) if self.mean else 1.0
+        with np.errstate(divide="ignore"):  # (no entry at all: inf, as torch's and JAX's)
+            scale = float(1.0 / np.float64(self._count(args))) if self.mean else 1.0
         res = {}
         for k in wrt:
             x = np.asarray(args[k])
