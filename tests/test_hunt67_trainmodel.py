@@ -307,3 +307,31 @@ def test_the_mean_combiner_of_losses_with_no_entry(backend_cls):
     cost.backward()
     assert np.isnan(backend.to_numpy(out["final_cost"])) and np.isnan(cost.item())
     np.testing.assert_array_equal(backend.to_numpy(grads["linear.weight"]), w.grad.numpy())
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+def test_regularize_by_object_a_nested_weight_given_a_name(backend_cls):
+    """input=lin.weight, lin inside a child model whose weight is the wire 'w' (the compiled
+    parameter 'w'), was refused: "'inner.linear.weight' names no parameter"; it is 'w', as
+    the name and the pattern select it."""
+    lin = Linear(4)
+    inner = Model(name="inner")
+    inner |= lin.connect(input="input", weight="w", output="output")
+    outer = Model()
+    outer |= inner.connect(input="input", output="output")
+    tm = TrainModel(outer)
+    tm.add_loss(SquaredError(), input="output", target="target")
+    tm.add_regularization(L2(), coef=0.3, input=lin.weight, key_name="r")
+    backend = backend_cls(dtype=ml.float64)
+    compiled = ml.compile(tm, backend, shapes={"input": [None, 3]})
+    weight = rng.standard_normal((4, 3))
+    params = {"w": backend.array(weight), "inner.linear.bias": backend.array(B4)}
+    out, grads = compiled.evaluate(params, {"input": backend.array(X), "target": backend.array(T)},
+                                   output_gradients=True)
+    w, b = torch.tensor(weight, requires_grad=True), torch.tensor(B4, requires_grad=True)
+    cost = torch.nn.functional.mse_loss(torch.tensor(X) @ w.T + b, torch.tensor(T))
+    cost = cost + 0.3 * 0.5 * (w**2).sum() / 20
+    cost.backward()
+    np.testing.assert_allclose(backend.to_numpy(out["r"]), 0.5 * np.sum(weight**2), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(out["final_cost"]), cost.item(), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(grads["w"]), w.grad.numpy(), rtol=1e-12, atol=1e-14)

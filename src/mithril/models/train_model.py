@@ -341,6 +341,8 @@ class TrainModel(Model):
         b.flatten(self._model, {}, "")
         for node in b.nodes:  # a parameter role: its compiled name
             if node.op is t.block and t.key in (getattr(node.op, "param_init", None) or ()):
+                if t.key in node.ins:  # given a wire deeper down (weight="w"): named as it
+                    return b.names[node.ins[t.key]]
                 return f"{node.path}.{t.key}"
         raise KeyMismatchError(f"{what}: {t!r} is not a parameter or input of the model")
 
