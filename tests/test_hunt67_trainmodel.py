@@ -335,3 +335,22 @@ def test_regularize_by_object_a_nested_weight_given_a_name(backend_cls):
     np.testing.assert_allclose(backend.to_numpy(out["r"]), 0.5 * np.sum(weight**2), rtol=1e-12)
     np.testing.assert_allclose(backend.to_numpy(out["final_cost"]), cost.item(), rtol=1e-12)
     np.testing.assert_allclose(backend.to_numpy(grads["w"]), w.grad.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_default_metric_name_skips_one_taken():
+    """add_metric without key_name named it metric_<number of metrics>, even when the user
+    had taken that name: refused with "key_name 'metric_1' is already a terminal", a name
+    the call did not give. It takes the next free one."""
+    tm = TrainModel(Linear(4))
+    tm.add_loss(SquaredError(), input="output", target="target")
+    tm.add_metric(AbsoluteError(), reduce_steps=[Mean()], input="output", target="target",
+                  key_name="metric_1")
+    tm.add_metric(AbsoluteError(), reduce_steps=[Sum()], input="output", target="target")
+    tm.add_metric(AbsoluteError(), reduce_steps=[Mean(axis=0)], input="output", target="target")
+    weight = rng.standard_normal((4, 3))
+    compiled = ml.compile(tm, ml.NumpyBackend(dtype=ml.float64), shapes={"input": [None, 3]})
+    out = compiled.evaluate({"linear.weight": weight, "linear.bias": B4}, {"input": X, "target": T})
+    err = np.abs(X @ weight.T + B4 - T)
+    np.testing.assert_allclose(out["metric_1"], err.mean(), rtol=1e-12)
+    np.testing.assert_allclose(out["metric_2"], err.sum(), rtol=1e-12)
+    np.testing.assert_allclose(out["metric_3"], err.mean(0), rtol=1e-12)

@@ -497,8 +497,13 @@ class TrainModel(Model):
         """Add the output ``key_name`` (default ``metric_<i>``): ``model`` on the connected
         names, reduced by ``reduce_steps`` (default none). It is not part of ``final_cost``."""
         self._check_open("add_metric")
-        if key_name is None:
-            key_name = f"metric_{len(self._metrics)}"
+        i = len(self._metrics)
+        while key_name is None:  # the first metric_<i> no terminal or term uses
+            try:
+                self._check_key_name(f"metric_{i}", "add_metric", connections.values())
+                key_name = f"metric_{i}"
+            except KeyMismatchError:
+                i += 1
         self._metrics.append(self._term("add_metric", model, reduce_steps, key_name, connections, False))
 
     def set_loss_combiner(self, combiner: Any) -> None:
