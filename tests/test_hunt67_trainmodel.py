@@ -354,3 +354,39 @@ def test_a_default_metric_name_skips_one_taken():
     np.testing.assert_allclose(out["metric_1"], err.mean(), rtol=1e-12)
     np.testing.assert_allclose(out["metric_2"], err.sum(), rtol=1e-12)
     np.testing.assert_allclose(out["metric_3"], err.mean(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+@pytest.mark.parametrize("named", [False, True])
+def test_discarding_the_output_of_a_regularized_block(backend_cls, named):
+    """compile(discard_keys={'o2'}) pruned the head 'h2' (no output left reads it) though a
+    regularizer reads its weight: by its path 'h2.weight' compile failed ("ParameterRef:
+    'h2.weight' names no parameter"), by a wire name ('w2') the weight silently became a
+    data input. The head stays; final_cost and the gradients are those without discarding
+    (the regularizer of a weight no loss reads is not divided: 0.3·w)."""
+    m = Model()
+    m |= Linear(4, name="h1").connect(input="input", output="o1")
+    m |= Linear(2, name="h2").connect(input="input", **({"weight": "w2"} if named else {}),
+                                      output="o2")
+    key = "w2" if named else "h2.weight"
+    tm = TrainModel(m)
+    tm.add_loss(SquaredError(), input="o1", target="t1")
+    tm.add_regularization(L2(), coef=0.3, input=key, key_name="r2")
+    backend = backend_cls(dtype=ml.float64)
+    compiled = ml.compile(tm, backend, shapes={"input": [None, 3]}, discard_keys={"o2"})
+    assert sorted(compiled.input_keys) == ["input", "t1"]
+    params = {"h1.weight": rng.standard_normal((4, 3)), "h1.bias": B4, key: rng.standard_normal((2, 3)),
+              "h2.bias": rng.standard_normal(2)}
+    tp = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    out, grads = compiled.evaluate({k: backend.array(v) for k, v in params.items()},
+                                   {"input": backend.array(X), "t1": backend.array(T)},
+                                   output_gradients=True)
+    assert "o2" not in out
+    cost = torch.nn.functional.mse_loss(torch.tensor(X) @ tp["h1.weight"].T + tp["h1.bias"],
+                                        torch.tensor(T)) + 0.3 * 0.5 * (tp[key] ** 2).sum()
+    cost.backward()
+    np.testing.assert_allclose(backend.to_numpy(out["final_cost"]), cost.item(), rtol=1e-12)
+    for k in ("h1.weight", "h1.bias", key):
+        np.testing.assert_allclose(backend.to_numpy(grads[k]), tp[k].grad.numpy(), rtol=1e-12,
+                                   atol=1e-14)
+    np.testing.assert_array_equal(backend.to_numpy(grads["h2.bias"]), 0.0)

@@ -473,12 +473,27 @@ def _prune(nodes: list[Node], outputs: Mapping[str, int]) -> tuple[list[Node], s
     parameters of the nodes dropped are never made, and the inputs only they read are no
     longer inputs (the published ``infer_ignore`` after ``discard_keys``)."""
     live = set(outputs.values())
-    kept = []
-    for node in reversed(nodes):  # (topological order: consumers first)
-        if node.out in live or node.op.state_init:
-            kept.append(node)
-            live.update(node.ins.values())
-    return kept[::-1], live
+    kept: set[int] = set()
+    produced = {n.out for n in nodes}
+    while True:
+        for node in reversed(nodes):  # (topological order: consumers first)
+            if id(node) not in kept and (node.out in live or node.op.state_init):
+                kept.add(id(node))
+                live.update(node.ins.values())
+        held = [n for n in nodes if id(n) in kept]
+        # a block whose parameter a kept block reads (a TrainModel's regularizer: by name, or
+        # its role's wire read as an input) stays, else the parameter would not be made
+        refs = {p for n in held for p in (getattr(n.op, "param_names", None) or {}).values()}
+        roles = {w for n in held for k, w in n.ins.items() if k in param_keys(n.op)}
+        more = [n for n in nodes if id(n) not in kept and (
+            any(f"{n.path}.{k}" in refs for k in n.op.param_init)
+            or any(w in live and w not in roles and w not in produced
+                   for k, w in n.ins.items() if k in param_keys(n.op)))]
+        if not more:
+            return held, live
+        for n in more:
+            kept.add(id(n))
+            live.update(n.ins.values())
 
 
 def _plan_drops(prog: Program) -> None:
