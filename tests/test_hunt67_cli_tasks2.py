@@ -188,3 +188,17 @@ def test_a_scheduler_error_names_the_flag_of_torchs_capitalised_argument(tmp_pat
     err = usage_error(capsys, ["train", "--t-max", "0", "--dry-run", "--out", str(out)])
     assert "(--t-max)" in err
     assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
+def test_an_unknown_flag_is_named_by_its_command(tmp_path, capsys):
+    """``mithril compare --beta1 0.8`` said 'mithril: error: unrecognized arguments' under the
+    top-level usage; the command's now, with where optimizer settings go in compare."""
+    out = tmp_path / "cmp"
+    err = usage_error(capsys, ["compare", "--configs", "adam", "sgd", "--beta1", "0.8",
+                               "--dry-run", "--out", str(out)])
+    assert "mithril compare: error: unrecognized arguments: --beta1 0.8" in err
+    assert "--configs 'adam:beta1=...'" in err
+    err = conftest.usage_error(capsys, ["compare", "--steps", "3", "--out", str(out)])
+    assert "usage: mithril compare" in err and "mithril compare: error: unrecognized " \
+        "arguments: --steps 3" in err
+    assert not out.exists()

@@ -82,12 +82,27 @@ def missing_module(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _hint(args: argparse.Namespace, unknown: list[str]) -> str:
+    """compare's optimizer settings are per configuration: say so for ``--beta1`` & co."""
+    from .options import OPTIMIZER_OPTIONS
+
+    flags = {o.flag for o in OPTIMIZER_OPTIONS}
+    given = [a.partition("=")[0] for a in unknown if a.partition("=")[0] in flags]
+    if args.command != "compare" or not given:
+        return ""
+    key = given[0][2:].replace("-", "_")
+    return (f" (optimizer settings go in each configuration, e.g. --configs "
+            f"'adam:{key}=...')")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
     Usage errors raise ``SystemExit(2)`` as argparse does; a missing optional dependency
     returns 1 after one line on stderr, before any work."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's usage and name ("mithril compare: error"), not the top's
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}{_hint(args, unknown)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nprocs runs again
     missing = missing_module(args)
     if missing is not None:
