@@ -191,3 +191,63 @@ def test_compile_key_sets_take_none(arg: str) -> None:
     with pytest.raises(TypeError, match=rf"compile\({arg}=...\) must be a key or a set of keys, "
                                         r"got int"):
         ml.compile(m, b, shapes={"x": [3, 4]}, **{arg: 5})
+
+
+_PAIR_LOSSES = {
+    "SquaredError": (lambda ml: ml.SquaredError(reduction="mean"),
+                     lambda F, x, t: F.mse_loss(x, t)),
+    "SquaredError-none": (lambda ml: ml.SquaredError(),
+                          lambda F, x, t: F.mse_loss(x, t, reduction="none")),
+    "AbsoluteError-sum": (lambda ml: ml.AbsoluteError(reduction="sum"),
+                          lambda F, x, t: F.l1_loss(x, t, reduction="sum")),
+    "HuberLoss": (lambda ml: ml.HuberLoss(delta=0.5), lambda F, x, t: F.huber_loss(x, t, delta=0.5)),
+    "SmoothL1Loss-none": (lambda ml: ml.SmoothL1Loss(reduction="none", beta=0.5),
+                          lambda F, x, t: F.smooth_l1_loss(x, t, reduction="none", beta=0.5)),
+}
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("loss", sorted(_PAIR_LOSSES))
+@pytest.mark.parametrize("tshape", [(), (3,), (1, 3), (4, 1)])
+def test_pair_losses_broadcast_the_target(backend_name: str, loss: str, tshape: tuple) -> None:
+    """A target that broadcasts against the input (``target=0.0``, a (3,) row of targets) was
+    a ShapeError; torch's F.mse_loss / l1_loss / huber_loss / smooth_l1_loss and the published
+    losses broadcast it. The values and both gradients equal torch autograd's (float64), a
+    target of another rank warns as torch does."""
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+
+    import mithril as ml
+    from mithril.backends import JaxBackend, NumpyBackend, TorchBackend
+    from mithril.models import Model
+
+    rng = np.random.default_rng(3)
+    x, t = rng.normal(size=(4, 3)), rng.normal(size=tshape)
+    make, ref = _PAIR_LOSSES[loss]
+    b = {"numpy": NumpyBackend, "torch": TorchBackend, "jax": JaxBackend}[backend_name](
+        dtype="float64")
+    m = Model()
+    m |= make(ml)(input="x", target="t", output="out")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        c = ml.compile(m, b, shapes={"x": [4, 3], "t": list(tshape)}, trainable_keys=["x", "t"])
+    ours = [w for w in seen if "broadcasts against 'input'" in str(w.message)]
+    assert bool(ours) == (tshape != ())  # (as torch: but a 0-d target never warns)
+    tx, tt = torch.tensor(x, requires_grad=True), torch.tensor(t, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's own size warning)
+        want = ref(F, tx, tt)
+    cot = rng.normal(size=tuple(want.shape))
+    want.backward(torch.tensor(cot))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, grads = c.evaluate({"x": b.array(x), "t": b.array(t)},
+                                output_gradients={"out": b.array(cot)})
+    np.testing.assert_allclose(np.asarray(b.to_numpy(out["out"])), want.detach().numpy(),
+                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(b.to_numpy(grads["x"])), tx.grad.numpy(), rtol=1e-12,
+                               atol=1e-14)
+    np.testing.assert_allclose(np.asarray(b.to_numpy(grads["t"])), tt.grad.numpy(), rtol=1e-12,
+                               atol=1e-14)

@@ -93,9 +93,10 @@ def test_only_the_last_return_is_taken_and_refusals_change_nothing() -> None:
     o = make_train_step(other, Adam(1e-2), loss="loss_a")
     with pytest.raises(ml.ShapeError, match="weight"):
         o(p2, o.init(other.get_parameters()), data[0])
-    # bad data for b: refused, and nothing of the state consumed
+    # bad data for b (a (4, 3) target for its (4, 2) head: they do not broadcast): refused,
+    # and nothing of the state consumed
     with pytest.raises(ml.ShapeError):
-        b(p2, s2, {**data[0], "tb": data[0]["ta"]})
+        b(p2, s2, {**data[0], "tb": data[0]["input"]})
     assert not any(v.is_deleted() for v in p2.values())
     p3, s3, out = a(p2, s2, data[0])  # the refused calls changed nothing
     assert np.isfinite(float(out["loss_a"])) and int(s3.count) == 3

@@ -19,7 +19,9 @@ from .operator import (
     div_count,
     fmt,
     functional_of,
+    pair_shape,
     stop_gradient,
+    unbroadcast,
     unify,
 )
 
@@ -101,7 +103,7 @@ class SquaredError(Operator):
         self.reduction = _check_reduction(reduction)
 
     def infer_shape(self, shapes):
-        s = unify(shapes.get("input"), shapes.get("target"), "input", "target")
+        s = pair_shape(shapes, type(self).__name__)
         return s if self.reduction == "none" else ()
 
     def forward(self, xp: Any, input: Any, target: Any) -> Any:
@@ -115,8 +117,8 @@ class SquaredError(Operator):
         d = args["input"] - args["target"]
         # an empty input's mean has an empty gradient: no 2/0 (a ZeroDivisionError)
         scale = 2.0 / max(d.size, 1) if self.reduction == "mean" else 2.0
-        gi = (g * scale) * d
-        return {k: gi if k == "input" else -gi for k in wrt}
+        gi = (g * scale) * d  # (the broadcast shape: summed back to each input's)
+        return {k: unbroadcast(gi if k == "input" else -gi, np.shape(args[k])) for k in wrt}
 
 
 class MeanSquaredError(SquaredError):

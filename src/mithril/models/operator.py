@@ -72,6 +72,30 @@ def broadcast_shapes(a: Shape, b: Shape, where: str) -> Shape:
     return tuple(reversed(out))
 
 
+def pair_shape(shapes: Mapping[str, Shape | None], who: str) -> Shape | None:
+    """The elementwise shape of a loss of ``input`` and ``target``: the two broadcast, as
+    torch's ``F.mse_loss`` / ``F.l1_loss`` and the published losses (``target=0.0``); one
+    unknown takes the other's. Shapes that differ (but for a 0-d target) warn as torch
+    does: (N, 1) against (N,) broadcasts to (N, N), rarely what is meant."""
+    a, b = shapes.get("input"), shapes.get("target")
+    if a is None or b is None:
+        return unify(a, b, "input", "target")
+    try:
+        s = broadcast_shapes(a, b, who)
+    except ShapeError:
+        raise ShapeError(f"shape mismatch: 'input' has shape {fmt(a)} but 'target' has shape "
+                         f"{fmt(b)}, nor do they broadcast") from None
+    if len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b)):
+        return unify(a, b, "input", "target")
+    if len(b) > 0:  # (a 0-d target, target=0.0, broadcasts as meant: no warning)
+        import warnings
+
+        warnings.warn(f"{who}: 'target' of shape {fmt(b)} broadcasts against 'input' of shape "
+                      f"{fmt(a)} to {fmt(s)} (as torch's: likely not what is meant)",
+                      UserWarning, stacklevel=2)
+    return s
+
+
 def unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Sum ``g`` down to ``shape`` (the VJP of numpy broadcasting). A half-precision ``g``
     is summed in float32, as torch's reductions accumulate: a float16 partial sum overflows

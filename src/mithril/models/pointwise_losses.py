@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .half_precision import accumulate
-from .operator import Operator, backend_of, div_count, functional_of, unify
+from .operator import Operator, backend_of, div_count, functional_of, pair_shape, unbroadcast
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -82,7 +82,7 @@ class _PairLoss(Operator):
     reduction: str = "none"
 
     def infer_shape(self, shapes):
-        s = unify(shapes.get("input"), shapes.get("target"), "input", "target")
+        s = pair_shape(shapes, type(self).__name__)
         return s if self.reduction == "none" else ()
 
     def _elementwise(self, xp: Any, input: Any, target: Any) -> Any:
@@ -97,9 +97,11 @@ class _PairLoss(Operator):
 
     def vjp(self, g, out, args, wrt):
         x, t = args["input"], args["target"]
-        ge = elementwise_cotangent(g, x.shape, self.reduction)
+        shape = np.broadcast_shapes(np.shape(x), np.shape(t))  # (the target may broadcast)
+        ge = elementwise_cotangent(g, shape, self.reduction)
         dx, dt = self._partials(x, t)
-        return {k: ge * (dx if k == "input" else dt) for k in wrt}
+        return {k: unbroadcast(np.broadcast_to(ge * (dx if k == "input" else dt), shape),
+                               np.shape(args[k])) for k in wrt}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(reduction={self.reduction!r})"

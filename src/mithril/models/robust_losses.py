@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .half_precision import accumulate
-from .operator import Operator, div_count, functional_of, unify
+from .operator import Operator, div_count, functional_of, pair_shape, unbroadcast
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -36,7 +36,7 @@ class _ElementwiseLoss(Operator):
     reduction: str = "mean"
 
     def infer_shape(self, shapes):
-        s = unify(shapes.get("input"), shapes.get("target"), "input", "target")
+        s = pair_shape(shapes, type(self).__name__)
         return s if self.reduction == "none" else ()
 
     def _elementwise(self, xp: Any, d: Any) -> Any:
@@ -56,8 +56,8 @@ class _ElementwiseLoss(Operator):
         d = args["input"] - args["target"]
         if self.reduction == "mean":
             g = div_count(g, max(d.size, 1))
-        gi = self._slope(d) * g
-        return {k: gi if k == "input" else -gi for k in wrt}
+        gi = self._slope(d) * g  # (the broadcast shape: summed back to each input's)
+        return {k: unbroadcast(gi if k == "input" else -gi, np.shape(args[k])) for k in wrt}
 
 
 class HuberLoss(_ElementwiseLoss):
