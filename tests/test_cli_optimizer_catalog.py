@@ -317,10 +317,12 @@ def test_schedule_free_with_mixed_precision_evaluates_the_masters_average(built,
     assert summary["final"]["test_loss"] == pytest.approx(run.evaluate("test")["loss"])
 
 
-@pytest.mark.parametrize("name", ["prodigy", "dog", "dowg", "schedule-free-adamw"])
+@pytest.mark.parametrize("name", ["prodigy", "dog", "dowg"])
 def test_shard_state_takes_optimizer_wide_values(name, capsys, tmp_path):
     """Refused before; the sharded step now gathers every rank's per-tensor sums
-    (mithril.distributed.global_sums), and the dry run passes the check."""
+    (mithril.distributed.global_sums), and the dry run passes the check. (schedule-free
+    with --shard-state is refused since 2dc29180: each process holds only its share of the
+    averaged x that one process evaluates; tests/test_hunt67_distributed.py.)"""
     assert main(["train", "--optimizer", name, "--nprocs", "2", "--shard-state", "--dry-run",
                  "--out", str(tmp_path / "r")]) == 0
 
