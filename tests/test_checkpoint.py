@@ -353,7 +353,7 @@ def test_save_refuses_what_load_would_refuse(saved, tmp_path):
         deep = [deep]  # 64 levels
     with pytest.raises(ValueError, match="extra nests deeper than 63 levels"):
         save_checkpoint(path, params, extra=deep)
-    with pytest.raises(TypeError, match="finite floats"):
+    with pytest.raises(TypeError, match="must be JSON-serialisable"):
         save_checkpoint(path, params, extra={"loss": object()})
     # an attribute set out of range is not checked when set (as torch's param_groups and
     # Keras' attributes): the save refuses it, naming it, rather than writing a file that

@@ -210,7 +210,7 @@ def _encoded(path: str, params: Mapping[str, Any], optimizer: Any, state: Any,
         bad = [f"the optimizer's {k!r}" for k, v in hyper.items() if not json_field(v)] + \
             [k for k in ("scheduler", "extra") if not json_field(meta[k])]
         raise TypeError(f"save_checkpoint: extra, hyperparameters and scheduler state must be "
-                        f"JSON-serialisable (finite floats): {e}"
+                        f"JSON-serialisable (a hyperparameter a finite float): {e}"
                         + (f" (in {', '.join(bad)})" if bad else "")) from None
     where = f"save_checkpoint({path!r})"
     checked = check_meta(loads_guarded(header, f"{where}: the metadata"), where)
