@@ -8,22 +8,10 @@ from pathlib import Path
 
 import conftest
 import numpy as np
+from test_hunt67_cli_tasks import charlm, usage_error
 
 from mithril.cli import main
 from mithril.utils.checkpoint import load_checkpoint
-
-
-def usage_error(capsys, argv: list[str]) -> str:
-    return conftest.usage_error(capsys, argv, last=True)
-
-
-def charlm(tmp_path: Path) -> list[str]:
-    text = tmp_path / "story.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    return ["train", "--task", "charlm", "--data", str(text), "--context", "16",
-            "--eval-every", "2", "--d-model", "16", "--layers", "1", "--heads", "2",
-            "--batch-size", "4", "--eval-windows", "4", "--sample-chars", "0",
-            "--scheduler", "none", "--no-progress", "--no-plot", "--checkpoint"]
 
 
 # -- a default that is on can be turned off ------------------------------------------------------

@@ -37,13 +37,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(tmp_path, case: str) -> list[dict]:
+def _run(tmp_path, case: str, worker: str = WORKER) -> list[dict]:
+    """Run ``case`` of ``worker`` on 2 gloo ranks (90 s each at most); their JSON results."""
     out = str(tmp_path / case)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "2", port, out, case], env=env,
+    procs = [subprocess.Popen([sys.executable, worker, str(r), "2", port, out, case], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(2)]
     logs = []

@@ -15,10 +15,7 @@ came after ``dp.init``, on that rank only. Now every rank refuses before ``dp.in
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -27,43 +24,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_hunt67b_worker as W  # noqa: E402
+from test_hunt67_distributed import _run as run_ranks  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_hunt67b_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run(tmp_path, case: str) -> list[dict]:
-    out = str(tmp_path / case)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "2", port, out, case], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=90)[0].decode()[-3000:])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    res = []
-    for r in range(2):
-        path = f"{out}.{r}.json"
-        assert os.path.exists(path), logs
-        with open(path) as f:
-            got = json.load(f)
-        assert "crash" not in got, got["crash"]
-        res.append(got)
-    return res
+    return run_ranks(tmp_path, case, WORKER)
 
 
 def _torch_sgd(grads: dict[str, np.ndarray], clip: float | None, dtype: torch.dtype
