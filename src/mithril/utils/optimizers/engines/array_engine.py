@@ -217,8 +217,9 @@ class ArrayEngine(Engine):
             state.param_views = lay.unflatten(state.params_flat)
         for dst, new in zip([state.params_flat, *(state.slots[s] for s in names)], out):
             dst[...] = new
-        if self.jax:  # (copies: the host buffer is written again by the next update)
-            return ({n: self.backend.array(v.copy(), lay.dtype)
+        if self.jax:  # (copies, JaxBackend.array's own: the host buffer is written again by
+            # the next update, and an aligned view would be aliased)
+            return ({n: self.backend.array(v, lay.dtype)
                      for n, v in state.param_views.items()}, True, norm, finite)
         return dict(state.param_views), True, norm, finite
 
